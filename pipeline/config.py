@@ -1,0 +1,273 @@
+"""The whole `pipeline.toml` schema, loaded with tomllib and validated by pydantic.
+
+Every table of the contract in DESIGN.md is defined here, including the stages that later
+work implements, so a config written today stays valid. Every key has a default; unknown
+keys are errors. A user mistake becomes one :class:`ConfigError` line naming the TOML key
+path, the bad value and what is allowed; never a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+# One name per concept: every artifact a stage may produce. Gates keyed by artifact name are
+# checked against this list so a typo in `[gates.latency_ms]` is caught before anything runs.
+ARTIFACT_NAMES = (
+    "teacher",
+    "student",
+    "student_baseline",
+    "student_kd",
+    "pruned",
+    "onnx",
+    "teacher_onnx",
+    "openvino_fp32",
+    "openvino_int8",
+    "teacher_openvino_fp32",
+    "trt_qdq",
+    "trt_calib_cache",
+    "trt_engine",
+)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or its inputs: printed as one line, exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PipelineConfig(_Section):
+    name: str = Field("pipeline", description="Name of this pipeline, recorded in the manifest.")
+    workdir: str = Field(
+        "runs/default",
+        description="Run directory (relative to the config file): manifest.json and one folder per stage.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for data splits, initialisation and shuffling.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "imagefolder", "torchvision"] = Field(
+        "digits", description="digits (embedded, scikit-learn) | imagefolder | torchvision"
+    )
+    root: str = Field("", description="imagefolder: root/train/<class>/*, root/val/<class>/*; torchvision: download root.")
+    name: str = Field("", description="torchvision dataset class name, e.g. 'CIFAR10'.")
+    download: bool = Field(False, description="torchvision: allow downloading the dataset (needs a network).")
+    image_size: int = Field(32, ge=8, le=1024, description="Square input side in pixels.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Training batch size; also the 'configured batch' for throughput.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: share of images held out for evaluation.")
+    train_fraction: float = Field(
+        1.0, gt=0, le=1, description="Use only this share of the training split (low-data experiments)."
+    )
+    calibration_size: int = Field(
+        256, ge=1, description="Images drawn from the training split for INT8 calibration (never val)."
+    )
+    augment: bool = Field(True, description="Random crop/flip augmentation for the training split.")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB).")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (RGB).")
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "DataConfig":
+        if self.source == "imagefolder" and not self.root:
+            raise ValueError("data.root: source 'imagefolder' needs root = path with train/ and val/ subfolders")
+        if self.source == "torchvision" and not self.name:
+            raise ValueError("data.name: source 'torchvision' needs name = a torchvision dataset class, e.g. 'CIFAR10'")
+        return self
+
+
+class OptimConfig(_Section):
+    """Training-loop settings shared by every training stage."""
+
+    epochs: int = Field(8, ge=0, le=10_000, description="Training epochs.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd | adamw")
+    lr: float = Field(0.05, gt=0, le=10, description="Peak learning rate (cosine schedule to 0).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine decay.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16).")
+
+
+class TeacherConfig(OptimConfig):
+    arch: str = Field("resnet34", description="torchvision classification model name, or timm:<name>.")
+    weights: str = Field("", description="'' random init | path to a state dict | 'torchvision:DEFAULT'.")
+    small_input: Literal["auto", "on", "off"] = Field(
+        "auto", description="Stride-1 stem for small inputs (auto: on below 64 px)."
+    )
+
+
+class MGDConfig(_Section):
+    alpha: float = Field(7e-5, gt=0, description="Loss weight α (paper: 7e-5 classification, 2e-5 dense).")
+    mask_ratio: float = Field(0.15, ge=0, lt=1, description="Fraction λ of the student feature masked out.")
+    mask: Literal["channel", "pixel"] = Field("channel", description="channel (classification) | pixel (dense tasks)")
+    teacher_layers: list[str] = Field(["layer4"], min_length=1, description="Teacher layers to tap.")
+    student_layers: list[str] = Field(["layer4"], min_length=1, description="Student layers to tap, paired in order.")
+
+    @model_validator(mode="after")
+    def _paired(self) -> "MGDConfig":
+        if len(self.teacher_layers) != len(self.student_layers):
+            raise ValueError(
+                f"distill.mgd: teacher_layers has {len(self.teacher_layers)} entries but student_layers has "
+                f"{len(self.student_layers)}; they are paired in order"
+            )
+        return self
+
+
+class KDConfig(_Section):
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of Hinton KD.")
+    weight: float = Field(1.0, ge=0, description="Weight of the KD term (scaled by T²).")
+
+
+class DistillConfig(OptimConfig):
+    epochs: int = Field(10, ge=0, le=10_000, description="Training epochs.")
+    student: str = Field("resnet18", description="Student architecture (torchvision name or timm:<name>).")
+    weights: str = Field("", description="Student initial weights: '' | state dict path | 'torchvision:DEFAULT'.")
+    small_input: Literal["auto", "on", "off"] = Field("auto", description="Stride-1 stem for small inputs.")
+    method: Literal["mgd", "kd", "mgd+kd", "none"] = Field("mgd", description="mgd | kd | mgd+kd | none")
+    baseline: bool = Field(True, description="Also train the student without distillation, same budget and seed.")
+    mgd: MGDConfig = Field(default_factory=MGDConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+
+
+class PruneConfig(_Section):
+    enabled: bool = Field(False, description="Run structured pruning of the distilled student.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
+    importance: Literal["magnitude", "taylor", "bn_scale"] = Field("magnitude", description="magnitude | taylor | bn_scale")
+    steps: int = Field(1, ge=1, le=100, description="Iterative pruning steps.")
+    round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this.")
+    ignore_layers: list[str] = Field([], description="Layers never pruned (the classifier head always is kept).")
+    heal_epochs: int = Field(3, ge=0, le=10_000, description="MGD fine-tune epochs after pruning.")
+    lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate.")
+
+
+class OnnxConfig(_Section):
+    enabled: bool = Field(True, description="Export the final student to ONNX.")
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset.")
+    dynamic_batch: bool = Field(True, description="Dynamic batch axis.")
+    simplify: bool = Field(True, description="Simplify with onnxslim.")
+    parity_atol: float = Field(1e-3, gt=0, description="Max abs logit difference vs torch allowed.")
+
+
+class OpenVINOConfig(_Section):
+    enabled: bool = Field(True, description="Build OpenVINO IR.")
+    precisions: list[Literal["fp32", "int8"]] = Field(["fp32", "int8"], min_length=1, description="fp32 and/or int8")
+    accuracy_control: bool = Field(False, description="INT8 with nncf.quantize_with_accuracy_control.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Accuracy-control budget.")
+
+
+class TensorRTConfig(_Section):
+    enabled: bool = Field(True, description="Build the TensorRT INT8 Q/DQ ONNX (and an engine where CUDA is present).")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("entropy", description="minmax | entropy | percentile")
+    workspace_mb: int = Field(1024, ge=16, description="Builder workspace limit.")
+
+
+class BenchConfig(_Section):
+    warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
+    runs: int = Field(50, ge=3, description="Timed runs at batch 1.")
+    batch_runs: int = Field(10, ge=1, description="Timed runs at the configured batch.")
+    threads: int = Field(0, ge=0, description="Intra-op threads for every runtime (0: all cores). Recorded.")
+
+
+class GatesConfig(_Section):
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Per stage, vs the teacher (absolute, 0..1); unset disables."
+    )
+    min_speedup_vs_teacher: float = Field(0.0, ge=0, description="Deployed build latency ratio at batch 1; 0 disables.")
+    latency_ms: dict[str, float] = Field({}, description="p90 at batch 1 budget, keyed by artifact name.")
+
+    @field_validator("latency_ms")
+    @classmethod
+    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, budget in v.items():
+            if name not in ARTIFACT_NAMES:
+                raise ValueError(f"unknown artifact {name!r}; allowed: {', '.join(ARTIFACT_NAMES)}")
+            if not budget > 0:
+                raise ValueError(f"budget for {name!r} must be > 0 ms, got {budget}")
+        return v
+
+
+class Config(_Section):
+    """The whole pipeline config: one attribute per TOML table."""
+
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig)
+    openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig)
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    # Where the file came from: relative paths in the config resolve against it.
+    _base_dir: Path = PrivateAttr(default_factory=Path)
+
+    def resolve(self, path: str) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    @property
+    def workdir(self) -> Path:
+        return self.resolve(self.pipeline.workdir)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if loc and msg.startswith(loc + "."):
+        return msg  # a cross-field check that already names its key
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see the config reference in README.md)"
+    if "input" in err and not isinstance(err["input"], dict):
+        return f"{loc} = {err['input']!r}: {msg}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    """Validate a config dict; raise :class:`ConfigError` with one line per problem."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise ConfigError("; ".join(lines)) from None
+    cfg._base_dir = base_dir
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a `pipeline.toml`.
+
+    Raises :class:`ConfigError` for a missing file, malformed TOML (with line and column) or
+    any schema violation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already says "(at line L, column C)".
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    try:
+        return from_dict(raw, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
