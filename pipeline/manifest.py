@@ -1,0 +1,212 @@
+"""The run manifest: `<workdir>/manifest.json`, one record per stage.
+
+Written atomically (temp file + fsync + rename, then fsync of the directory) so a crash at
+any moment leaves either the old or the new manifest, never half of one. Artifacts are
+recorded as `{path, sha256, bytes}` with paths relative to the workdir; on resume every
+recorded artifact is re-hashed and a mismatch means the stage re-runs, never that a tampered
+file is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.config import ConfigError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+Status = Literal["ok", "failed", "skipped", "gate_failed", "unavailable"]
+
+# Unit and direction of every metric name the pipeline records (DESIGN.md contract). Stored in
+# the manifest so a reader never has to guess whether bigger is better.
+METRIC_UNITS: dict[str, dict[str, str]] = {
+    "accuracy": {"unit": "fraction", "better": "higher"},
+    "latency_p50_ms": {"unit": "ms", "better": "lower"},
+    "latency_p90_ms": {"unit": "ms", "better": "lower"},
+    "latency_p99_ms": {"unit": "ms", "better": "lower"},
+    "batch_latency_p50_ms": {"unit": "ms", "better": "lower"},
+    "throughput_ips": {"unit": "images/s", "better": "higher"},
+    "batch_size": {"unit": "images", "better": "none"},
+    "threads": {"unit": "threads", "better": "none"},
+    "params": {"unit": "count", "better": "lower"},
+    "macs": {"unit": "multiply-accumulates per image", "better": "lower"},
+    "size_bytes": {"unit": "bytes", "better": "lower"},
+    "speedup_vs_teacher": {"unit": "ratio", "better": "higher"},
+    "train_seconds": {"unit": "s", "better": "lower"},
+}
+
+
+class ManifestError(ConfigError):
+    """The manifest on disk cannot be trusted or read: a user-facing error (exit code 2)."""
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="Path relative to the workdir.")
+    sha256: str = Field(description="Hex SHA-256 of the file's bytes.")
+    bytes: int = Field(ge=0, description="File size.")
+
+
+class GateResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    gate: str = Field(description="max_accuracy_drop | min_speedup_vs_teacher | latency_ms")
+    artifact: str
+    metric: str
+    value: float | None = Field(description="Measured value; None when it could not be measured.")
+    budget: float
+    passed: bool | None = Field(description="None when the value was not measured.")
+    message: str = ""
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Status
+    key: str = ""
+    reason: str = ""
+    config: dict[str, Any] = {}
+    inputs: dict[str, Artifact] = {}
+    outputs: dict[str, Artifact] = {}
+    metrics: dict[str, Any] = {}
+    reference: list[str] = Field([], description="Metric entries measured for comparison only; gates skip them.")
+    history: dict[str, list[dict[str, float]]] = Field({}, description="Per-epoch training curves per artifact.")
+    warnings: list[str] = []
+    gates: list[GateResult] = []
+    started: str = ""
+    ended: str = ""
+    seconds: float = 0.0
+    seed: int = 0
+    device: str = ""
+    versions: dict[str, str] = {}
+
+
+class ManifestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = FORMAT_VERSION
+    pipeline: dict[str, Any] = {}
+    metric_units: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(METRIC_UNITS))
+    stages: dict[str, StageRecord] = {}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, streamed so large models do not fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_record(path: Path, workdir: Path) -> Artifact:
+    """Hash a finished artifact file and describe it relative to the workdir."""
+    path = Path(path)
+    return Artifact(path=os.path.relpath(path, workdir), sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def verify_artifact(art: Artifact, workdir: Path) -> str | None:
+    """Re-hash a recorded artifact. Returns None when intact, else why it cannot be trusted."""
+    path = workdir / art.path
+    if not path.is_file():
+        return f"{art.path} is missing"
+    size = path.stat().st_size
+    if size != art.bytes:
+        return f"{art.path} changed size ({art.bytes} -> {size} bytes)"
+    if sha256_file(path) != art.sha256:
+        return f"{art.path} content changed (sha256 mismatch)"
+    return None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # fsync the directory so the rename itself survives a power loss.
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+class Manifest:
+    """In-memory manifest bound to a workdir; every `save` is atomic."""
+
+    def __init__(self, workdir: Path, model: ManifestModel | None = None):
+        self.workdir = Path(workdir)
+        self.model = model or ManifestModel()
+
+    @property
+    def path(self) -> Path:
+        return self.workdir / MANIFEST_NAME
+
+    @property
+    def stages(self) -> dict[str, StageRecord]:
+        return self.model.stages
+
+    @classmethod
+    def load(cls, workdir: Path) -> "Manifest":
+        """Load `<workdir>/manifest.json`, or an empty manifest when there is none yet.
+
+        A manifest that is not valid JSON or does not match the schema raises
+        :class:`ManifestError` naming the file and what is wrong.
+        """
+        workdir = Path(workdir)
+        path = workdir / MANIFEST_NAME
+        if not path.exists():
+            return cls(workdir)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(
+                f"{path} is corrupt ({exc}); move it away to start the run afresh "
+                "(finished stages will then re-run)"
+            ) from None
+        try:
+            model = ManifestModel.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ManifestError(
+                f"{path} does not match the manifest format at {where}: {first['msg']}; "
+                "move it away to start the run afresh"
+            ) from None
+        return cls(workdir, model)
+
+    def save(self) -> None:
+        """Write the manifest atomically."""
+        data = json.dumps(self.model.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+        atomic_write_bytes(self.path, data.encode("utf-8"))
+
+    def artifact_index(self) -> dict[str, tuple[str, Artifact]]:
+        """Map every recorded output artifact name to (producing stage, record)."""
+        index: dict[str, tuple[str, Artifact]] = {}
+        for stage, rec in self.stages.items():
+            if rec.status in ("ok", "gate_failed"):
+                for name, art in rec.outputs.items():
+                    index[name] = (stage, art)
+        return index

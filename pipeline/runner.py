@@ -1,0 +1,347 @@
+"""The runner: walks the registered stages in order, caches, measures, gates, records.
+
+For each enabled stage it resolves the input artifacts from the manifest (re-hashing them),
+computes the cache key (stage name, its config tables, the seed, input hashes, package
+versions) and skips the stage when the manifest holds an `ok` record with the same key whose
+outputs still hash to what was recorded. Otherwise it runs the stage, measures every artifact
+the stage hands back with the one harness (accuracy, latency, params, MACs, size), checks the
+gates and writes the manifest atomically. Once a stage has re-run, every later stage re-runs.
+
+Exit codes: 0 success, 1 a stage failed, 2 bad input, 3 a gate failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import gates as gates_mod
+from pipeline.config import Config, ConfigError
+from pipeline.manifest import Artifact, Manifest, StageRecord, artifact_record, verify_artifact
+from pipeline.stage import Stage, StageContext, StageUnavailable, load_stages
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
+
+# Packages whose version changes can change an artifact; recorded and part of every cache key.
+VERSIONED_PACKAGES = (
+    "edge-mgd-pipeline", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu",
+    "onnxslim", "openvino", "nncf", "torch-pruning", "tensorrt", "scikit-learn", "timm",
+)
+
+
+@dataclass
+class RunOptions:
+    """Which stages to consider: `--from`, `--until`, `--only`, `--force`."""
+
+    from_stage: str | None = None
+    until_stage: str | None = None
+    only: set[str] = field(default_factory=set)
+    force: set[str] = field(default_factory=set)
+
+
+@dataclass
+class RunOutcome:
+    """What `run` did: the exit code and the manifest it left."""
+
+    code: int
+    manifest: Manifest
+    visited: list[str]
+    messages: list[str] = field(default_factory=list)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that matter ('absent' when not installed)."""
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def resolve_device(spec: str):
+    """`auto` → CUDA when present else CPU; an explicit CUDA request without CUDA is bad input."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"pipeline.device = {spec!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"pipeline.device = {spec!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+        return dev
+    return torch.device(spec)
+
+
+def cache_key(stage: Stage, cfg: Config, inputs: dict[str, Artifact], versions: dict[str, str]) -> str:
+    """sha256 over everything that determines a stage's outputs."""
+    payload = {
+        "stage": stage.name,
+        "config": {k: getattr(cfg, k).model_dump(mode="json") for k in stage.config_keys},
+        "seed": cfg.pipeline.seed,
+        "inputs": {name: art.sha256 for name, art in sorted(inputs.items())},
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def select(stages: list[Stage], opts: RunOptions) -> list[str]:
+    """Names of the stages this invocation may run, validating the option values."""
+    names = [s.name for s in stages]
+    for flag, value in (("--from", opts.from_stage), ("--until", opts.until_stage)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{flag} {value!r}: no such stage; stages are {', '.join(names)}")
+    for flag, values in (("--only", opts.only), ("--force", opts.force)):
+        for v in values:
+            if v not in names:
+                raise ConfigError(f"{flag} {v!r}: no such stage; stages are {', '.join(names)}")
+    if opts.only:
+        return [n for n in names if n in opts.only]
+    lo = names.index(opts.from_stage) if opts.from_stage else 0
+    hi = names.index(opts.until_stage) if opts.until_stage else len(names) - 1
+    if lo > hi:
+        raise ConfigError(f"--from {opts.from_stage} comes after --until {opts.until_stage}")
+    return names[lo : hi + 1]
+
+
+def preflight(cfg: Config) -> None:
+    """Every check of the user's input that can be made before anything runs.
+
+    Raises :class:`ConfigError` (exit code 2) so that a typo never touches the manifest.
+    """
+    from pipeline import data as data_mod
+    from pipeline import models
+
+    data_mod.check_data(cfg.data, base_dir=cfg.resolve("."))
+    models.check_arch(cfg.teacher.arch)
+    models.check_arch(cfg.distill.student)
+    for table, arch, weights, small in (
+        ("teacher", cfg.teacher.arch, cfg.teacher.weights, cfg.teacher.small_input),
+        ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.small_input),
+    ):
+        if weights and not weights.startswith("torchvision:"):
+            # Build the model and load the file now: a checkpoint for another architecture
+            # fails here, in one line, instead of after the teacher has trained for an hour.
+            path = cfg.resolve(weights)
+            if not path.is_file():
+                raise ConfigError(f"{table}.weights = {weights!r}: file not found ({path})")
+            num_classes = data_mod.load_data(cfg.data, cfg.pipeline.seed, base_dir=cfg.resolve(".")).num_classes
+            models.build_model(arch, num_classes, image_size=cfg.data.image_size, small_input=small,
+                               weights=str(path), base_dir=cfg.resolve("."))
+    resolve_device(cfg.pipeline.device)
+    _check_writable(cfg.workdir, cfg.pipeline.workdir)
+
+
+def _check_writable(workdir: Path, as_written: str) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Runner:
+    """Runs one config's stage chain against its workdir's manifest."""
+
+    def __init__(self, cfg: Config, opts: RunOptions | None = None):
+        self.cfg = cfg
+        self.opts = opts or RunOptions()
+        self.stages = load_stages()
+        self.selected = select(self.stages, self.opts)
+
+    def run(self) -> RunOutcome:
+        """Run the selected stages; never raises for a stage failure (see the exit code)."""
+        cfg = self.cfg
+        preflight(cfg)
+        manifest = Manifest.load(cfg.workdir)
+        device = resolve_device(cfg.pipeline.device)
+        versions = package_versions()
+        manifest.model.pipeline = {
+            "name": cfg.pipeline.name,
+            "config": cfg.model_dump(mode="json"),
+            "seed": cfg.pipeline.seed,
+            "device": str(device),
+            "versions": versions,
+            "updated": _now(),
+        }
+        outcome = RunOutcome(code=EXIT_OK, manifest=manifest, visited=[])
+        data_holder: dict[str, object] = {}
+        rerun_rest = False  # once a stage re-ran, everything after it re-runs
+
+        for stage in self.stages:
+            if stage.name not in self.selected:
+                continue
+            outcome.visited.append(stage.name)
+            if not stage.enabled(cfg):
+                manifest.stages[stage.name] = StageRecord(
+                    status="skipped", reason=f"disabled in the config ([{stage.name}] enabled = false)",
+                    config=getattr(cfg, stage.name).model_dump(mode="json"), ended=_now(),
+                )
+                manifest.save()
+                continue
+            inputs, problem = self._inputs(stage, manifest)
+            if problem:
+                self._record_failure(manifest, stage, problem, device, versions)
+                outcome.code = EXIT_STAGE_FAILED
+                outcome.messages.append(f"stage {stage.name}: {problem}")
+                break
+            key = cache_key(stage, cfg, inputs, versions)
+            old = manifest.stages.get(stage.name)
+            why = self._why_rerun(stage, old, key, rerun_rest, manifest)
+            if why is None:
+                log.info("stage %s: cached (key %s…), outputs verified", stage.name, key[:12])
+                record = old
+            else:
+                log.info("stage %s: running (%s)", stage.name, why)
+                record, code = self._execute(stage, key, inputs, device, versions, data_holder)
+                rerun_rest = True
+                manifest.stages[stage.name] = record
+                if code != EXIT_OK:
+                    manifest.save()
+                    outcome.code = code
+                    outcome.messages.append(f"stage {stage.name} {record.status}: {record.reason}")
+                    break
+            self._apply_gates(stage.name, record, manifest)
+            manifest.stages[stage.name] = record
+            manifest.save()
+
+        if outcome.code == EXIT_OK:
+            failed = [g for rec in manifest.stages.values() for g in rec.gates if g.passed is False]
+            if failed:
+                outcome.code = EXIT_GATE_FAILED
+                outcome.messages.extend(g.message for g in failed)
+            measured = {a for rec in manifest.stages.values() for a, m in rec.metrics.items() if isinstance(m, dict)}
+            for name in gates_mod.unmeasured_budgets(cfg.gates, measured):
+                outcome.messages.append(f"gates.latency_ms.{name}: not measured in this run (no stage produced it)")
+        return outcome
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _inputs(self, stage: Stage, manifest: Manifest) -> tuple[dict[str, Artifact], str | None]:
+        """Resolve and re-hash the stage's input artifacts from the manifest."""
+        index = manifest.artifact_index()
+        found: dict[str, Artifact] = {}
+        for spec in stage.inputs:
+            for name in spec.split("|"):
+                if name in index:
+                    producer, art = index[name]
+                    bad = verify_artifact(art, manifest.workdir)
+                    if bad:
+                        return found, f"input {name!r} from stage {producer} cannot be trusted: {bad}; re-run {producer}"
+                    found[name] = art
+                    break
+            else:
+                return found, f"input {spec!r} is not available: run the stage that produces it first"
+        return found, None
+
+    def _why_rerun(self, stage: Stage, old: StageRecord | None, key: str, rerun_rest: bool, manifest: Manifest) -> str | None:
+        if stage.name in self.opts.force:
+            return "forced"
+        if old is None:
+            return "no record"
+        # `unavailable` is cached too: installing the missing package changes the versions in the key.
+        if old.status not in ("ok", "gate_failed", "unavailable"):
+            return f"last status {old.status}"
+        if old.key != key:
+            return "config, inputs or versions changed"
+        if rerun_rest:
+            return "an earlier stage re-ran"
+        for art in old.outputs.values():
+            bad = verify_artifact(art, manifest.workdir)
+            if bad:
+                log.warning("stage %s: %s", stage.name, bad)
+                return f"output {bad}"
+        return None
+
+    def _context(self, stage: Stage, key: str, inputs: dict[str, Artifact], device, data_holder) -> StageContext:
+        ctx = StageContext(
+            cfg=self.cfg, name=stage.name, workdir=self.cfg.workdir,
+            inputs={n: self.cfg.workdir / a.path for n, a in inputs.items()}, device=device, key=key,
+        )
+        if "data" in data_holder:
+            ctx._data = data_holder["data"]  # load the dataset once per run
+        return ctx
+
+    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int]:
+        from pipeline.evaluate import measure
+
+        started, t0 = _now(), time.perf_counter()
+        ctx = self._context(stage, key, inputs, device, data_holder)
+        base = dict(
+            key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.config_keys},
+            inputs=inputs, started=started, seed=self.cfg.pipeline.seed, device=str(device), versions=versions,
+        )
+        try:
+            result = stage.run(ctx)
+            data_holder["data"] = ctx.data
+            metrics = {k: dict(v) for k, v in result.metrics.items()}
+            for name, m in result.measure.items():
+                log.info("stage %s: measuring %s on %s (%s)", stage.name, name, m.runtime.name, m.runtime.device)
+                measured = measure(
+                    m.runtime, val_loader=ctx.data.loader("val", self.cfg.data.batch_size),
+                    input_shape=ctx.data.input_shape, batch_size=self.cfg.data.batch_size,
+                    bench=self.cfg.bench, model=m.model, artifact_path=m.path,
+                )
+                metrics[name] = {**measured, **metrics.get(name, {})}
+            outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
+        except StageUnavailable as exc:
+            return StageRecord(status="unavailable", reason=str(exc), ended=_now(),
+                               seconds=time.perf_counter() - t0, **base), EXIT_OK
+        except ConfigError as exc:
+            return StageRecord(status="failed", reason=str(exc), ended=_now(),
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+        except Exception as exc:  # a stage failure is recorded, never lost in a traceback
+            log.debug("stage %s failed", stage.name, exc_info=True)
+            return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
+                               seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+        record = StageRecord(
+            status="ok", outputs=outputs, metrics=metrics, history=result.history,
+            reference=sorted(n for n, m in result.measure.items() if m.reference),
+            warnings=result.warnings, ended=_now(), seconds=time.perf_counter() - t0, **base,
+        )
+        for w in result.warnings:
+            log.warning("stage %s: %s", stage.name, w)
+        return record, EXIT_OK
+
+    def _record_failure(self, manifest: Manifest, stage: Stage, reason: str, device, versions) -> None:
+        manifest.stages[stage.name] = StageRecord(
+            status="failed", reason=reason, ended=_now(), seed=self.cfg.pipeline.seed,
+            device=str(device), versions=versions,
+        )
+        manifest.save()
+
+    def _apply_gates(self, name: str, record: StageRecord, manifest: Manifest) -> None:
+        """Add speedup vs teacher to every measured artifact, then evaluate the gates."""
+        teacher_rec = record if name == "teacher" else manifest.stages.get("teacher")
+        teacher = teacher_rec.metrics.get("teacher") if teacher_rec else None
+        for art, m in record.metrics.items():
+            if isinstance(m, dict) and art != "teacher":
+                s = gates_mod.speedup(teacher, m)
+                if s is not None:
+                    m["speedup_vs_teacher"] = s
+        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates)
+        failed = any(g.passed is False for g in record.gates)
+        if record.status in ("ok", "gate_failed"):
+            record.status = "gate_failed" if failed else "ok"
+        for g in record.gates:
+            (log.warning if g.passed is False else log.info)("%s", g.message)

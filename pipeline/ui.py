@@ -1,0 +1,43 @@
+"""Terminal output shared by every module: one rich console for logs and progress bars."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# stderr, so stdout stays clean for machine-readable output (e.g. `validate`).
+console = Console(stderr=True)
+if not console.is_terminal:
+    # Logs and CI output: rich would squeeze tables into 80 columns; give them room.
+    console.width = max(console.width, 150)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route logging through rich so log lines and progress bars do not overwrite each other."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)],
+        force=True,
+    )
+    # Third-party libraries are chatty at INFO; keep their warnings.
+    for name in ("nncf", "torch_pruning", "PIL", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def progress() -> Progress:
+    """A progress bar with counts, time and a free-text `info` field (loss, accuracy)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=True,
+    )

@@ -1,0 +1,241 @@
+"""The training loop shared by every training stage (teacher, distill, prune healing).
+
+SGD or AdamW, linear warm-up then cosine decay (stepped per batch), optional label smoothing,
+seeded, mixed precision and channels_last on CUDA. After every epoch the whole state (model,
+extra trainable modules such as MGD blocks, optimizer, scheduler, grad scaler, RNG states and
+history) is checkpointed atomically, so an interrupted stage resumes at the last finished epoch.
+A checkpoint carries the stage's cache key: one written under another config is ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import OptimConfig
+from pipeline.evaluate import evaluate_module
+from pipeline.manifest import atomic_write_bytes
+from pipeline.ui import progress
+
+log = logging.getLogger(__name__)
+
+# loss_fn(model, images, labels) -> (loss, logits). The default is the task loss alone;
+# distillation passes a closure that adds its terms.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class History:
+    """Per-epoch records: epoch, loss, train_acc, val_acc, lr, seconds."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(e["seconds"] for e in self.epochs))
+
+
+def save_torch(obj: object, path: Path) -> None:
+    """torch.save, atomically (temp file + fsync + rename): a crash never leaves half a file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every tensor on the CPU (portable checkpoints)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak lr, then cosine decay to zero, as a LambdaLR factor."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return factor
+
+
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    if not enabled or device.type != "cuda":
+        return None  # autocast on CPU is slower than fp32 for these convnets
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def task_loss(label_smoothing: float) -> LossFn:
+    """Cross-entropy on the model's logits."""
+
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def fit(
+    model: nn.Module,
+    *,
+    train_loader: torch.utils.data.DataLoader,
+    val_loader: torch.utils.data.DataLoader,
+    optim: OptimConfig,
+    device: torch.device,
+    checkpoint: Path,
+    key: str,
+    desc: str,
+    epochs: int | None = None,
+    lr: float | None = None,
+    loss_fn: LossFn | None = None,
+    extra: nn.Module | None = None,
+) -> History:
+    """Train `model` in place; return its per-epoch history.
+
+    `extra` holds additional trainable modules (e.g. MGD generation blocks) that are optimised
+    and checkpointed with the model but are not part of it. `epochs`/`lr` override `optim`'s
+    (healing uses its own). Resumes from `checkpoint` when it was written under the same `key`.
+    The final weights are kept (no selection on val: that would tune on evaluation images).
+    """
+    epochs = optim.epochs if epochs is None else epochs
+    peak_lr = optim.lr if lr is None else lr
+    loss_fn = loss_fn or task_loss(optim.label_smoothing)
+    model.to(device)
+    if extra is not None:
+        extra.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:
+        params += [p for p in extra.parameters() if p.requires_grad]
+    opt = _optimizer(params, optim.model_copy(update={"lr": peak_lr}))
+    steps = max(1, len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(epochs * steps, optim.warmup_epochs * steps))
+    amp_dtype = _amp_dtype(device, optim.amp)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    history = History()
+    start_epoch = _resume(checkpoint, key, model, extra, opt, sched, scaler, train_loader, history)
+    if start_epoch >= epochs and epochs > 0:
+        log.info("%s: all %d epochs already done (checkpoint)", desc, epochs)
+        return history
+
+    with progress() as bar:
+        task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="")
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            if extra is not None:
+                extra.train()
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
+            loss_sum, correct, seen = 0.0, 0, 0
+            for batch_idx, (images, labels) in enumerate(train_loader):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, logits = loss_fn(model, images, labels)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{desc}: loss is {loss.item()} at epoch {epoch + 1} batch {batch_idx + 1}; "
+                        f"lower the learning rate (lr = {peak_lr}) or the distillation weight (alpha); "
+                        f"the last good checkpoint ({checkpoint.name}) is kept"
+                    )
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                sched.step()
+                n = labels.numel()
+                loss_sum += loss.item() * n
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += n
+                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
+            val_acc = evaluate_module(model, val_loader, device)
+            record = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, seen),
+                "train_acc": correct / max(1, seen),
+                "val_acc": val_acc,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            history.epochs.append(record)
+            log.info(
+                "%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)",
+                desc, epoch + 1, epochs, record["loss"], record["train_acc"], val_acc, record["seconds"],
+            )
+            _save(checkpoint, key, epoch + 1, model, extra, opt, sched, scaler, train_loader, history)
+    return history
+
+
+def _save(checkpoint, key, epoch, model, extra, opt, sched, scaler, loader, history) -> None:
+    state = {
+        "key": key,
+        "epoch": epoch,
+        "model": state_dict_cpu(model),
+        "extra": state_dict_cpu(extra) if extra is not None else None,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_loader": loader.generator.get_state() if loader.generator is not None else None,
+        "history": history.epochs,
+    }
+    save_torch(state, checkpoint)
+
+
+def _resume(checkpoint, key, model, extra, opt, sched, scaler, loader, history) -> int:
+    """Load a same-key checkpoint into the live objects; return the number of finished epochs."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        return 0
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checkpoint cut short by a crash is not fatal: start over
+        log.warning("ignoring unreadable checkpoint %s (%s); training from the start", checkpoint, exc)
+        return 0
+    if not isinstance(state, dict) or state.get("key") != key:
+        log.info("checkpoint %s belongs to another config; training from the start", checkpoint)
+        return 0
+    model.load_state_dict(state["model"])
+    if extra is not None and state.get("extra") is not None:
+        extra.load_state_dict(state["extra"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if loader.generator is not None and state.get("rng_loader") is not None:
+        loader.generator.set_state(state["rng_loader"])
+    history.epochs.extend(state["history"])
+    log.info("resuming %s from epoch %d", checkpoint.parent.name, state["epoch"] + 1)
+    return int(state["epoch"])

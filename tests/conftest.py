@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny config on real data (digits at 8 px, a fraction of the training
+split, one epoch), a tiny model, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_TOML = """
+[pipeline]
+name = "tiny"
+workdir = "run"
+seed = 0
+device = "cpu"
+
+[data]
+source = "digits"
+image_size = 8
+batch_size = 32
+train_fraction = 0.25
+calibration_size = 32
+
+[teacher]
+arch = "resnet18"
+epochs = 1
+lr = 0.05
+
+[distill]
+student = "resnet18"
+epochs = 1
+
+[bench]
+warmup = 1
+runs = 3
+batch_runs = 1
+threads = 1
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """Factory: write a tiny pipeline.toml (plus `extra` TOML appended) and return its path."""
+
+    def make(extra: str = "", text: str | None = None, name: str = "pipeline.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(TINY_TOML if text is None else text) + "\n" + textwrap.dedent(extra))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    """A 2-conv CNN for 3×8×8 inputs and 10 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

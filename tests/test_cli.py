@@ -1,0 +1,161 @@
+"""The command line end to end, as a user runs it.
+
+- bad input: one line naming the cause, exit code 2, manifest untouched (in-process, fast);
+- a real tiny run: teacher trained on digits, manifest valid, second run cached and fast,
+  a tampered artifact re-run, a failing gate exits 3 (subprocess, `python -m pipeline`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torchvision
+
+from pipeline import cli
+from pipeline.manifest import Manifest, StageRecord
+
+def _plant_manifest(workdir):
+    """A valid manifest from an 'earlier run', to prove bad input never touches it."""
+    m = Manifest(workdir)
+    m.stages["teacher"] = StageRecord(status="ok", key="earlier")
+    m.save()
+    return m.path.read_bytes()
+
+
+def _png_tree(root, split_classes):
+    from PIL import Image
+
+    for split, classes in split_classes.items():
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (10, 10), (i * 40, 0, 0)).save(d / f"{i}.png")
+
+
+BAD_INPUTS = {
+    "malformed_toml": ("[teacher\narch = 1\n", "malformed TOML"),
+    "unknown_key": ("[teacher]\narchitecture = 'resnet18'\n", "teacher.architecture: unknown key"),
+    "wrong_type": ("[teacher]\nepochs = 'many'\n", "teacher.epochs = 'many'"),
+    "out_of_range": ("[distill.mgd]\nmask_ratio = 1.2\n", "distill.mgd.mask_ratio = 1.2"),
+    "unknown_model": ("[teacher]\narch = 'resnet19'\n", "resnet18"),
+    "unknown_student": ("[distill]\nstudent = 'mobilenet_v9'\n", "mobilenet_v9"),
+    "unknown_dataset": ("[data]\nsource = 'torchvision'\nname = 'CIFAR1O'\n", "CIFAR10"),
+    "missing_data_dir": ("[data]\nsource = 'imagefolder'\nroot = 'no/such/dir'\n", "no/such/dir"),
+    "class_mismatch": ("[data]\nsource = 'imagefolder'\nroot = 'imgs'\n", "dog"),
+    "missing_checkpoint": ("[teacher]\nweights = 'nope.pt'\n", "nope.pt"),
+    "unreadable_checkpoint": ("[teacher]\nweights = 'garbage.pt'\n", "garbage.pt"),
+    "mismatched_checkpoint": ("[teacher]\nweights = 'r34.pt'\n", "r34.pt"),
+    "workdir_not_writable": ("[pipeline]\nworkdir = 'afile/run'\n", "pipeline.workdir"),
+    "cuda_without_gpu": ("[pipeline]\ndevice = 'cuda:7'\n", "pipeline.device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_manifest_untouched(case, tmp_path, tiny_config, capsys):
+    if case == "cuda_without_gpu" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    extra, expected = BAD_INPUTS[case]
+    _png_tree(tmp_path / "imgs", {"train": ["cat", "dog"], "val": ["cat", "bird"]})
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pt")
+    (tmp_path / "afile").write_text("a file where a directory should be")
+    text = None
+    if case == "malformed_toml":
+        text = extra
+        extra = ""
+    path = tiny_config(extra=extra, text=text)
+    # Merge duplicate tables: TOML forbids redefining a table, so rewrite the tiny config's.
+    if text is None:
+        merged = _merge(path.read_text())
+        path.write_text(merged)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    before = _plant_manifest(workdir)
+    capsys.readouterr()
+
+    code = cli.main(["run", str(path)])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert expected in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error:") and err.splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err
+    assert (workdir / "manifest.json").read_bytes() == before
+
+
+def _merge(text: str) -> str:
+    """Later keys of a repeated [table] override earlier ones (test convenience)."""
+    import tomllib
+
+    tables: dict[str, list[str]] = {}
+    order: list[str] = []
+    current = None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s
+            if current not in tables:
+                tables[current] = []
+                order.append(current)
+            continue
+        if s and current:
+            key = s.split("=")[0].strip()
+            tables[current] = [l for l in tables[current] if l.split("=")[0].strip() != key] + [s]
+    out = "\n".join(f"{t}\n" + "\n".join(tables[t]) for t in order) + "\n"
+    tomllib.loads(out)
+    return out
+
+
+def test_validate_command(tiny_config, capsys):
+    assert cli.main(["validate", str(tiny_config())]) == 0
+    assert "valid" in capsys.readouterr().out
+    assert cli.main(["validate", str(tiny_config(extra="[prune]\nratio = 0\n"))]) == 2
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
+    path = tiny_config()
+    first = cli("run", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    rec = manifest["stages"]["teacher"]
+    assert rec["status"] == "ok"
+    out = rec["outputs"]["teacher"]
+    assert out["path"] == "teacher/teacher.pt" and len(out["sha256"]) == 64
+    assert out["bytes"] == (tmp_path / "run" / "teacher" / "teacher.pt").stat().st_size
+    m = rec["metrics"]["teacher"]
+    for key in ("accuracy", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips", "params", "macs", "size_bytes"):
+        assert key in m, key
+    assert 0 <= m["accuracy"] <= 1 and m["params"] > 1e6 and m["macs"] > 0 and m["threads"] == 1
+    assert len(rec["history"]["teacher"]) == 1
+    assert manifest["pipeline"]["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["pipeline"]["versions"]["torch"]
+    sd = torch.load(tmp_path / "run" / "teacher" / "teacher.pt", weights_only=True)
+    assert "fc.weight" in sd and sd["fc.weight"].shape[0] == 10
+    assert "teacher" in first.stderr and "accuracy" in first.stderr  # the summary table
+
+    # Second run: everything cached, nothing re-trained.
+    t0 = time.perf_counter()
+    second = cli("run", str(path))
+    assert second.returncode == 0 and "cached" in second.stderr
+    assert time.perf_counter() - t0 < 30
+    rec2 = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]
+    assert rec2["started"] == rec["started"] and rec2["key"] == rec["key"]
+
+    # A tampered artifact is detected and the stage re-runs.
+    (tmp_path / "run" / "teacher" / "teacher.pt").write_bytes(b"tampered")
+    third = cli("run", str(path))
+    assert third.returncode == 0
+    rec3 = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]
+    assert "content changed" in third.stderr or "changed size" in third.stderr
+    assert rec3["outputs"]["teacher"]["bytes"] > 1000
+
+    # A gate that cannot pass: exit 3, the gate named with value and budget.
+    gated = tiny_config(extra="[gates.latency_ms]\nteacher = 0.0001\n", name="gated.toml")
+    fourth = cli("run", str(gated))
+    assert fourth.returncode == 3, fourth.stderr[-2000:]
+    assert "latency_ms FAILED on teacher" in fourth.stderr and "budget <= 0.0001" in fourth.stderr

@@ -1,0 +1,79 @@
+"""Config schema: defaults, the shipped configs, and one clear line per user mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_cover_every_table():
+    cfg = config.from_dict({})
+    assert cfg.distill.mgd.alpha == 7e-5 and cfg.distill.mgd.mask_ratio == 0.15 and cfg.distill.mgd.mask == "channel"
+    assert cfg.distill.mgd.teacher_layers == ["layer4"]
+    assert cfg.tensorrt.calibration == "entropy" and cfg.onnx.opset == 18
+    assert cfg.openvino.precisions == ["fp32", "int8"]
+
+
+@pytest.mark.parametrize("path", sorted([ROOT / "pipeline.toml", *(ROOT / "configs").glob("*.toml")]), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = config.load(path)
+    assert cfg.pipeline.name
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"teacher": {"epochs": "x"}}, "teacher.epochs = 'x'"),
+        ({"teacher": {"epochs": -1}}, "teacher.epochs = -1"),
+        ({"distill": {"mgd": {"mask_ratio": 1.0}}}, "distill.mgd.mask_ratio = 1.0"),
+        ({"distill": {"mgd": {"bogus": 1}}}, "distill.mgd.bogus: unknown key"),
+        ({"nonsense": {}}, "nonsense: unknown key"),
+        ({"data": {"source": "mnist"}}, "'digits', 'imagefolder' or 'torchvision'"),
+        ({"data": {"source": "imagefolder"}}, "data.root"),
+        ({"data": {"source": "torchvision"}}, "data.name"),
+        ({"prune": {"ratio": 0}}, "prune.ratio = 0"),
+        ({"prune": {"ratio": 1.5}}, "prune.ratio = 1.5"),
+        ({"pipeline": {"device": "gpu"}}, "pipeline.device = 'gpu'"),
+        ({"gates": {"latency_ms": {"openvino_int9": 3.0}}}, "unknown artifact 'openvino_int9'"),
+        ({"gates": {"latency_ms": {"openvino_int8": 0}}}, "must be > 0"),
+        ({"distill": {"mgd": {"teacher_layers": ["layer3", "layer4"]}}}, "paired in order"),
+        ({"openvino": {"precisions": ["fp16"]}}, "openvino.precisions.0 = 'fp16'"),
+    ],
+)
+def test_bad_values_name_key_and_value(raw, expected):
+    with pytest.raises(ConfigError) as exc:
+        config.from_dict(raw)
+    msg = str(exc.value)
+    assert expected in msg
+    assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_malformed_toml_gives_line_and_column(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[pipeline]\nname = "x"\nseed = = 3\n')
+    with pytest.raises(ConfigError, match=r"malformed TOML.*line 3, column"):
+        config.load(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path):
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    (sub / "p.toml").write_text('[pipeline]\nworkdir = "runs/x"\n')
+    cfg = config.load(sub / "p.toml")
+    assert cfg.workdir == sub / "runs" / "x"
+
+
+def test_base_dir_is_not_a_config_key():
+    with pytest.raises(ConfigError, match="unknown key"):
+        config.from_dict({"base_dir": "/"})

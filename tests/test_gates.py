@@ -1,0 +1,61 @@
+"""Gates: pass and fail for each budget; references and the teacher are not gated."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import GatesConfig
+from pipeline.gates import check_stage, speedup, unmeasured_budgets
+from pipeline.manifest import StageRecord
+
+TEACHER = {"accuracy": 0.95, "latency_p50_ms": 10.0, "latency_p90_ms": 12.0}
+
+
+def _record(**metrics):
+    return StageRecord(status="ok", metrics=metrics)
+
+
+@pytest.mark.parametrize("acc, passed", [(0.94, True), (0.93, True), (0.92, False)])
+def test_max_accuracy_drop(acc, passed):
+    rec = _record(student={"accuracy": acc, "latency_p50_ms": 5.0})
+    [g] = check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.02))
+    assert g.gate == "max_accuracy_drop" and g.passed is passed
+    assert g.value == pytest.approx(0.95 - acc)
+
+
+@pytest.mark.parametrize("p50, passed", [(2.0, True), (5.0, True), (6.0, False)])
+def test_min_speedup(p50, passed):
+    rec = _record(student={"accuracy": 0.9, "latency_p50_ms": p50})
+    [g] = check_stage(rec, TEACHER, GatesConfig(min_speedup_vs_teacher=2.0))
+    assert g.passed is passed and g.value == pytest.approx(10.0 / p50)
+
+
+@pytest.mark.parametrize("p90, passed", [(4.9, True), (5.1, False)])
+def test_latency_budget_uses_p90(p90, passed):
+    rec = _record(openvino_int8={"accuracy": 0.9, "latency_p50_ms": 1.0, "latency_p90_ms": p90})
+    [g] = check_stage(rec, TEACHER, GatesConfig(latency_ms={"openvino_int8": 5.0}))
+    assert g.passed is passed and g.budget == 5.0 and "p90" in g.metric
+    assert ("FAILED" in g.message) is (not passed)
+
+
+def test_teacher_and_references_are_not_accuracy_gated():
+    rec = StageRecord(status="ok", metrics={"teacher": {"accuracy": 0.1}, "student_baseline": {"accuracy": 0.1}},
+                      reference=["student_baseline"])
+    assert check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.0, min_speedup_vs_teacher=1.0)) == []
+
+
+def test_without_teacher_metrics_the_gate_is_unmeasured_not_passed():
+    rec = _record(student={"accuracy": 0.9})
+    [g] = check_stage(rec, None, GatesConfig(max_accuracy_drop=0.02))
+    assert g.passed is None and g.value is None
+
+
+def test_disabled_gates_produce_nothing():
+    rec = _record(student={"accuracy": 0.1, "latency_p50_ms": 100.0, "latency_p90_ms": 100.0})
+    assert check_stage(rec, TEACHER, GatesConfig()) == []
+
+
+def test_speedup_and_unmeasured():
+    assert speedup(TEACHER, {"latency_p50_ms": 2.5}) == pytest.approx(4.0)
+    assert speedup(None, {"latency_p50_ms": 2.5}) is None
+    assert unmeasured_budgets(GatesConfig(latency_ms={"trt_engine": 1.0, "teacher": 9.0}), {"teacher"}) == ["trt_engine"]

@@ -1,0 +1,85 @@
+"""Manifest: atomic writes, artifact hashing, tamper detection, clear errors on corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.manifest import Manifest, ManifestError, StageRecord
+
+
+def test_round_trip(tmp_path):
+    art = tmp_path / "teacher" / "teacher.pt"
+    art.parent.mkdir()
+    art.write_bytes(b"weights")
+    m = Manifest(tmp_path)
+    m.stages["teacher"] = StageRecord(status="ok", key="k", outputs={"teacher": mf.artifact_record(art, tmp_path)},
+                                      metrics={"teacher": {"accuracy": 0.9}})
+    m.save()
+    loaded = Manifest.load(tmp_path)
+    rec = loaded.stages["teacher"]
+    assert rec.outputs["teacher"].path == os.path.join("teacher", "teacher.pt")
+    assert rec.outputs["teacher"].bytes == 7
+    assert rec.outputs["teacher"].sha256 == mf.sha256_file(art)
+    assert rec.metrics["teacher"]["accuracy"] == 0.9
+    assert json.loads(m.path.read_text())["metric_units"]["accuracy"]["better"] == "higher"
+
+
+def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mf.os, "replace", boom)
+    with pytest.raises(OSError):
+        mf.atomic_write_bytes(target, b"new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp file left behind
+
+
+def test_atomic_write_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+    monkeypatch.setattr(mf.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("io error")))
+    with pytest.raises(OSError):
+        mf.atomic_write_bytes(target, b"new")
+    assert target.read_text() == "old"
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("change", ["edit", "truncate", "delete", "same_size_edit"])
+def test_verify_detects_tampering(tmp_path, change):
+    art = tmp_path / "a.bin"
+    art.write_bytes(b"0123456789")
+    rec = mf.artifact_record(art, tmp_path)
+    assert mf.verify_artifact(rec, tmp_path) is None
+    if change == "edit":
+        art.write_bytes(b"0123456789x")
+    elif change == "truncate":
+        art.write_bytes(b"01234")
+    elif change == "delete":
+        art.unlink()
+    else:
+        art.write_bytes(b"0123456780")
+    assert mf.verify_artifact(rec, tmp_path) is not None
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"stages": {')
+    with pytest.raises(ManifestError, match="corrupt"):
+        Manifest.load(tmp_path)
+
+
+def test_hand_edited_manifest_with_bad_status(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"teacher": {"status": "great"}}}))
+    with pytest.raises(ManifestError, match="stages.teacher.status"):
+        Manifest.load(tmp_path)
+
+
+def test_missing_manifest_is_empty(tmp_path):
+    assert Manifest.load(tmp_path).stages == {}

@@ -1,0 +1,229 @@
+"""Runner: cache keys, stage selection, skip/re-run decisions, failure recording, exit codes.
+
+Uses fake stages registered in a private registry so every decision is checked in
+milliseconds; the real stages are exercised end to end in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import config, runner, stage
+from pipeline.config import ConfigError
+from pipeline.manifest import Artifact, Manifest
+from pipeline.stage import Measure, StageResult, StageUnavailable
+
+
+class FakeRuntime:
+    name, device, threads = "fake", "cpu", 1
+
+    def prepare(self, batch):
+        return batch
+
+    def infer(self, prepared):
+        return prepared
+
+    def predict(self, batch):
+        out = np.zeros((len(batch), 10), dtype=np.float32)
+        out[:, 0] = 1
+        return out
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Replace the registry with three fake stages a → b → c; count their runs."""
+    registry: dict[str, stage.Stage] = {}
+    monkeypatch.setattr(stage, "REGISTRY", registry)
+    monkeypatch.setattr(stage, "STAGE_PACKAGES", ())
+    calls: dict[str, int] = {"teacher": 0, "distill": 0, "prune": 0}
+    behaviour: dict[str, str] = {}
+
+    def make(name, order, inputs, outputs, enabled=None):
+        def run(ctx):
+            calls[name] += 1
+            what = behaviour.get(name, "ok")
+            if what == "boom":
+                raise RuntimeError("kaput")
+            if what == "unavailable":
+                raise StageUnavailable("TensorRT not installed")
+            if what == "bad_input":
+                raise ConfigError("data.root: corrupted image x.png")
+            outs = {}
+            for o in outputs:
+                p = ctx.out_dir / f"{o}.bin"
+                p.write_bytes(f"{o}:{ctx.key}".encode())
+                outs[o] = p
+            return StageResult(outputs=outs, measure={o: Measure(FakeRuntime(), path=outs[o]) for o in outputs})
+
+        stage.register(name, order=order, inputs=inputs, outputs=outputs, config_keys=(name, "data"), enabled=enabled)(run)
+
+    make("teacher", 10, (), ("teacher",))
+    make("distill", 20, ("teacher",), ("student",))
+    make("prune", 30, ("student",), ("pruned",), enabled=lambda c: c.prune.enabled)
+    monkeypatch.setattr(runner, "preflight", lambda cfg: None)
+    return calls, behaviour
+
+
+def _cfg(tmp_path, **tables):
+    raw = {"pipeline": {"workdir": str(tmp_path / "run"), "device": "cpu"},
+           "data": {"image_size": 8, "batch_size": 64, "val_fraction": 0.1},
+           "bench": {"warmup": 0, "runs": 3, "batch_runs": 1, "threads": 1}, "prune": {"enabled": True}}
+    for k, v in tables.items():
+        raw.setdefault(k, {}).update(v)
+    return config.from_dict(raw)
+
+
+def _run(cfg, **opts):
+    return runner.Runner(cfg, runner.RunOptions(**opts)).run()
+
+
+def test_first_run_then_everything_cached(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    out = _run(_cfg(tmp_path))
+    assert out.code == 0 and calls == {"teacher": 1, "distill": 1, "prune": 1}
+    rec = out.manifest.stages["distill"]
+    assert rec.status == "ok" and rec.inputs["teacher"].sha256 and rec.outputs["student"].bytes > 0
+    assert 0 <= rec.metrics["student"]["accuracy"] <= 1 and "latency_p90_ms" in rec.metrics["student"]
+    out2 = _run(_cfg(tmp_path))
+    assert out2.code == 0 and calls == {"teacher": 1, "distill": 1, "prune": 1}
+    assert out2.manifest.stages["distill"].started == rec.started
+
+
+def test_changing_a_later_table_reruns_only_from_there(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(_cfg(tmp_path))
+    _run(_cfg(tmp_path, distill={"epochs": 3}))
+    assert calls == {"teacher": 1, "distill": 2, "prune": 2}
+
+
+def test_changing_data_reruns_everything(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    _run(_cfg(tmp_path))
+    _run(_cfg(tmp_path, data={"batch_size": 32}))
+    assert calls == {"teacher": 2, "distill": 2, "prune": 2}
+
+
+def test_tampered_output_reruns_that_stage_and_after(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    out = _run(_cfg(tmp_path))
+    path = tmp_path / "run" / out.manifest.stages["distill"].outputs["student"].path
+    path.write_bytes(b"evil")
+    _run(_cfg(tmp_path))
+    assert calls == {"teacher": 1, "distill": 2, "prune": 2}
+
+
+def test_force_from_until_only(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    cfg = _cfg(tmp_path)
+    _run(cfg, until_stage="distill")
+    assert calls == {"teacher": 1, "distill": 1, "prune": 0}
+    _run(cfg, force={"teacher"})
+    assert calls == {"teacher": 2, "distill": 2, "prune": 1}
+    _run(cfg, only={"prune"}, force={"prune"})
+    assert calls == {"teacher": 2, "distill": 2, "prune": 2}
+    _run(cfg, from_stage="distill", force={"distill"})
+    assert calls == {"teacher": 2, "distill": 3, "prune": 3}
+
+
+def test_unknown_stage_option_is_bad_input(tmp_path, fake_stages):
+    with pytest.raises(ConfigError, match="--force 'distil'.*teacher, distill, prune"):
+        _run(_cfg(tmp_path), force={"distil"})
+    with pytest.raises(ConfigError, match="comes after"):
+        _run(_cfg(tmp_path), from_stage="prune", until_stage="teacher")
+
+
+def test_from_without_earlier_artifacts_fails_clearly(tmp_path, fake_stages):
+    out = _run(_cfg(tmp_path), from_stage="distill")
+    assert out.code == runner.EXIT_STAGE_FAILED
+    assert "input 'teacher' is not available" in out.manifest.stages["distill"].reason
+
+
+def test_disabled_stage_is_recorded_skipped(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    out = _run(_cfg(tmp_path, prune={"enabled": False}))
+    assert out.code == 0 and calls["prune"] == 0
+    assert out.manifest.stages["prune"].status == "skipped"
+    assert "enabled = false" in out.manifest.stages["prune"].reason
+
+
+def test_failed_stage_is_recorded_and_earlier_artifacts_stay_valid(tmp_path, fake_stages):
+    calls, behaviour = fake_stages
+    behaviour["distill"] = "boom"
+    out = _run(_cfg(tmp_path))
+    assert out.code == runner.EXIT_STAGE_FAILED
+    saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert saved["stages"]["distill"]["status"] == "failed"
+    assert "RuntimeError: kaput" in saved["stages"]["distill"]["reason"]
+    assert saved["stages"]["teacher"]["status"] == "ok" and calls["prune"] == 0
+    behaviour["distill"] = "ok"
+    out = _run(_cfg(tmp_path))
+    assert out.code == 0 and calls == {"teacher": 1, "distill": 2, "prune": 1}
+
+
+def test_bad_input_inside_a_stage_exits_2(tmp_path, fake_stages):
+    _, behaviour = fake_stages
+    behaviour["teacher"] = "bad_input"
+    out = _run(_cfg(tmp_path))
+    assert out.code == runner.EXIT_BAD_INPUT
+
+
+def test_unavailable_is_recorded_not_failed(tmp_path, fake_stages):
+    calls, behaviour = fake_stages
+    behaviour["prune"] = "unavailable"
+    out = _run(_cfg(tmp_path))
+    assert out.code == 0
+    rec = out.manifest.stages["prune"]
+    assert rec.status == "unavailable" and rec.reason == "TensorRT not installed" and rec.metrics == {}
+    _run(_cfg(tmp_path))
+    assert calls["prune"] == 1  # cached until versions or config change
+
+
+def test_gate_failure_exits_3_and_is_recorded(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    out = _run(_cfg(tmp_path, gates={"latency_ms": {"student": 1e-9}}))
+    assert out.code == runner.EXIT_GATE_FAILED
+    assert out.manifest.stages["distill"].status == "gate_failed"
+    assert any("latency_ms FAILED on student" in m for m in out.messages)
+    # Relaxing the budget re-checks the gate without re-running anything.
+    out = _run(_cfg(tmp_path, gates={"latency_ms": {"student": 1e6}}))
+    assert out.code == 0 and out.manifest.stages["distill"].status == "ok"
+    assert calls == {"teacher": 1, "distill": 1, "prune": 1}
+
+
+def test_cache_key_depends_on_config_inputs_versions(tmp_path, fake_stages):
+    stages = stage.load_stages()
+    distill = stages[1]
+    cfg = _cfg(tmp_path)
+    art = Artifact(path="t", sha256="a" * 64, bytes=1)
+    base = runner.cache_key(distill, cfg, {"teacher": art}, {"torch": "1"})
+    assert base == runner.cache_key(distill, _cfg(tmp_path), {"teacher": art}, {"torch": "1"})
+    assert base != runner.cache_key(distill, _cfg(tmp_path, distill={"lr": 0.1}), {"teacher": art}, {"torch": "1"})
+    assert base != runner.cache_key(distill, _cfg(tmp_path, pipeline={"seed": 1}), {"teacher": art}, {"torch": "1"})
+    assert base != runner.cache_key(distill, cfg, {"teacher": art.model_copy(update={"sha256": "b" * 64})}, {"torch": "1"})
+    assert base != runner.cache_key(distill, cfg, {"teacher": art}, {"torch": "2"})
+    # Gates are checked, not cached: changing a budget never re-runs a stage.
+    assert base == runner.cache_key(distill, _cfg(tmp_path, gates={"max_accuracy_drop": 0.1}), {"teacher": art}, {"torch": "1"})
+
+
+def test_corrupt_manifest_is_bad_input_and_left_alone(tmp_path, fake_stages):
+    cfg = _cfg(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        _run(cfg)
+    assert (tmp_path / "run" / "manifest.json").read_text() == "{not json"
+
+
+def test_every_registered_artifact_name_is_known():
+    for st in stage.load_stages():
+        for name in st.outputs:
+            assert name in config.ARTIFACT_NAMES, f"{st.name} outputs {name!r}, not in config.ARTIFACT_NAMES"
+
+
+def test_manifest_reload_matches(tmp_path, fake_stages):
+    out = _run(_cfg(tmp_path))
+    again = Manifest.load(tmp_path / "run")
+    assert again.model.model_dump() == out.manifest.model.model_dump()

@@ -1,0 +1,113 @@
+"""The shared training loop: an interrupted run resumes at the last finished epoch and ends
+with exactly the weights of an uninterrupted run; NaN stops with epoch and batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.config import OptimConfig
+from stages._train import TrainingError, fit
+
+
+def _loaders(seed=0):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(96, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (96,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+    return train, val
+
+
+OPT = OptimConfig(epochs=3, lr=0.05, warmup_epochs=1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model):
+    initial = copy.deepcopy(tiny_model.state_dict())
+    # Uninterrupted reference.
+    ref = copy.deepcopy(tiny_model)
+    train, val = _loaders()
+    torch.manual_seed(0)
+    fit(ref, train_loader=train, val_loader=val, optim=OPT, device=torch.device("cpu"),
+        checkpoint=tmp_path / "ref.pt", key="k", desc="ref")
+
+    # Interrupted during epoch 3, then resumed by a fresh process-like setup.
+    model = copy.deepcopy(tiny_model)
+    model.load_state_dict(initial)
+    train, val = _loaders()
+    calls = {"n": 0}
+
+    def crashing_loss(m, images, labels):
+        calls["n"] += 1
+        if calls["n"] > 2 * len(train) + 1:  # a batch into epoch 3
+            raise Interrupt
+        logits = m(images)
+        return F.cross_entropy(logits, labels), logits
+
+    torch.manual_seed(0)
+    with pytest.raises(Interrupt):
+        fit(model, train_loader=train, val_loader=val, optim=OPT, device=torch.device("cpu"),
+            checkpoint=tmp_path / "ckpt.pt", key="k", desc="crash", loss_fn=crashing_loss)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 2
+
+    resumed = copy.deepcopy(tiny_model)
+    resumed.load_state_dict(initial)
+    train, val = _loaders()
+    torch.manual_seed(999)  # resume must restore RNG state from the checkpoint, not rely on this
+    history = fit(resumed, train_loader=train, val_loader=val, optim=OPT, device=torch.device("cpu"),
+                  checkpoint=tmp_path / "ckpt.pt", key="k", desc="resume")
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_checkpoint_of_another_key_is_ignored(tmp_path, tiny_model):
+    train, val = _loaders()
+    one = OptimConfig(epochs=1, lr=0.01, warmup_epochs=0)
+    fit(tiny_model, train_loader=train, val_loader=val, optim=one, device=torch.device("cpu"),
+        checkpoint=tmp_path / "c.pt", key="old", desc="a")
+    h = fit(tiny_model, train_loader=train, val_loader=val, optim=one, device=torch.device("cpu"),
+            checkpoint=tmp_path / "c.pt", key="new", desc="b")
+    assert len(h.epochs) == 1 and torch.load(tmp_path / "c.pt", weights_only=True)["key"] == "new"
+
+
+def test_truncated_checkpoint_restarts_training(tmp_path, tiny_model):
+    (tmp_path / "c.pt").write_bytes(b"PK\x03\x04 truncated")
+    train, val = _loaders()
+    h = fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=1, warmup_epochs=0),
+            device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
+    assert len(h.epochs) == 1
+
+
+def test_nan_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path, tiny_model):
+    train, val = _loaders()
+    fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=1, warmup_epochs=0),
+        device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
+    good = (tmp_path / "c.pt").read_bytes()
+    n = {"i": 0}
+
+    def nan_loss(m, images, labels):
+        n["i"] += 1
+        logits = m(images)
+        loss = F.cross_entropy(logits, labels)
+        return (loss * float("nan") if n["i"] == 3 else loss), logits
+
+    with pytest.raises(TrainingError, match=r"epoch 2 batch 3.*learning rate"):
+        fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=2, warmup_epochs=0),
+            device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t", loss_fn=nan_loss)
+    assert (tmp_path / "c.pt").read_bytes() == good
+
+
+def test_training_learns(tmp_path, tiny_model):
+    train, val = _loaders()
+    h = fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=8, lr=0.05, warmup_epochs=0),
+            device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
+    assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
