@@ -34,7 +34,7 @@ class TorchRuntime:
         threads: int = 0,
         channels_last: bool = False,
     ) -> None:
-        """Put `model` in eval mode on `device` and fix torch's intra-op thread count.
+        """Put `model` in eval mode on `device`; torch's intra-op thread count is fixed in `prepare`.
 
         `threads = 0` means every usable core; the resolved count is kept in `.threads`.
         Note that the model itself is moved and switched to eval mode (no copy is made).
@@ -43,7 +43,6 @@ class TorchRuntime:
         self.device = str(self._device)
         self.threads = resolve_threads(threads)
         self.channels_last = channels_last
-        torch.set_num_threads(self.threads)
         model = model.to(self._device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -53,8 +52,8 @@ class TorchRuntime:
 
     def prepare(self, batch: np.ndarray) -> torch.Tensor:
         """Float32 NCHW numpy → tensor on the device, contiguous or channels_last as configured."""
-        # torch's thread count is process-wide: another runtime may have changed it since
-        # __init__. Re-fixing it here (outside the timer) keeps the recorded count truthful.
+        # torch's thread count is process-wide, so it is fixed here (outside the timer) rather
+        # than at construction; the runner restores the training thread count afterwards.
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device, dtype=self._dtype)

@@ -8,6 +8,7 @@ path, the bad value and what is allowed; never a traceback.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -93,7 +94,7 @@ class OptimConfig(_Section):
 
     epochs: int = Field(8, ge=0, le=10_000, description="Training epochs.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd | adamw")
-    lr: float = Field(0.05, gt=0, le=10, description="Peak learning rate (cosine schedule to 0).")
+    lr: float = Field(0.02, gt=0, le=10, description="Peak learning rate (cosine schedule to 0).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine decay.")
@@ -271,3 +272,17 @@ def load(path: str | Path) -> Config:
         return from_dict(raw, base_dir=path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(TOML key path, default, description) for every key, for the README's config reference."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += reference_rows(ann, f"{path}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((path, json.dumps(default), field.description or ""))
+    return rows

@@ -27,12 +27,10 @@ log = logging.getLogger(__name__)
 
 def _track(iterable: Iterable, description: str, total: int | None) -> Iterable:
     """A rich progress bar on an interactive terminal; the plain iterable otherwise (logs, CI)."""
-    try:
-        from rich.console import Console
-        from rich.progress import track
-    except ImportError:  # rich is a convenience, not a requirement
-        return iterable
-    console = Console(stderr=True)  # keep stdout clean for whatever the CLI prints there
+    from rich.progress import track
+
+    from pipeline.ui import console
+
     return track(
         iterable, description=description, total=total, transient=True, console=console, disable=not console.is_terminal
     )

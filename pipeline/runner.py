@@ -127,8 +127,11 @@ def preflight(cfg: Config) -> None:
     from pipeline import models
 
     data_mod.check_data(cfg.data, base_dir=cfg.resolve("."))
-    models.check_arch(cfg.teacher.arch)
-    models.check_arch(cfg.distill.student)
+    for key, arch in (("teacher.arch", cfg.teacher.arch), ("distill.student", cfg.distill.student)):
+        try:
+            models.check_arch(arch)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     for table, arch, weights, small in (
         ("teacher", cfg.teacher.arch, cfg.teacher.weights, cfg.teacher.small_input),
         ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.small_input),
@@ -283,6 +286,8 @@ class Runner:
         return ctx
 
     def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int]:
+        import torch
+
         from pipeline.evaluate import measure
 
         started, t0 = _now(), time.perf_counter()
@@ -297,11 +302,15 @@ class Runner:
             metrics = {k: dict(v) for k, v in result.metrics.items()}
             for name, m in result.measure.items():
                 log.info("stage %s: measuring %s on %s (%s)", stage.name, name, m.runtime.name, m.runtime.device)
-                measured = measure(
-                    m.runtime, val_loader=ctx.data.loader("val", self.cfg.data.batch_size),
-                    input_shape=ctx.data.input_shape, batch_size=self.cfg.data.batch_size,
-                    bench=self.cfg.bench, model=m.model, artifact_path=m.path,
-                )
+                threads = torch.get_num_threads()
+                try:
+                    measured = measure(
+                        m.runtime, val_loader=ctx.data.loader("val", self.cfg.data.batch_size),
+                        input_shape=ctx.data.input_shape, batch_size=self.cfg.data.batch_size,
+                        bench=self.cfg.bench, model=m.model, artifact_path=m.path,
+                    )
+                finally:
+                    torch.set_num_threads(threads)  # [bench] threads must not leak into training
                 metrics[name] = {**measured, **metrics.get(name, {})}
             outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
         except StageUnavailable as exc:

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from export.runtimes import TorchRuntime
 from pipeline import config, runner, stage
 from pipeline.config import ConfigError
 from pipeline.manifest import Artifact, Manifest
@@ -56,6 +57,12 @@ def fake_stages(monkeypatch):
                 p = ctx.out_dir / f"{o}.bin"
                 p.write_bytes(f"{o}:{ctx.key}".encode())
                 outs[o] = p
+            if what == "torch":
+                import torch
+
+                model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+                rt = TorchRuntime(model, "cpu", threads=1)
+                return StageResult(outputs=outs, measure={o: Measure(rt, model=model, path=outs[o]) for o in outputs})
             return StageResult(outputs=outs, measure={o: Measure(FakeRuntime(), path=outs[o]) for o in outputs})
 
         stage.register(name, order=order, inputs=inputs, outputs=outputs, config_keys=(name, "data"), enabled=enabled)(run)
@@ -227,3 +234,15 @@ def test_manifest_reload_matches(tmp_path, fake_stages):
     out = _run(_cfg(tmp_path))
     again = Manifest.load(tmp_path / "run")
     assert again.model.model_dump() == out.manifest.model.model_dump()
+
+
+def test_bench_threads_do_not_leak_into_later_stages(tmp_path, fake_stages):
+    import torch
+
+    _, behaviour = fake_stages
+    behaviour["teacher"] = "torch"
+    torch.set_num_threads(2)
+    out = _run(_cfg(tmp_path))
+    assert out.code == 0 and out.manifest.stages["teacher"].metrics["teacher"]["threads"] == 1
+    assert out.manifest.stages["teacher"].metrics["teacher"]["params"] == 3 * 8 * 8 * 10 + 10
+    assert torch.get_num_threads() == 2
