@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import dist
 from pipeline import gates as gates_mod
 from pipeline.config import Config, ConfigError
 from pipeline.manifest import Artifact, Manifest, StageRecord, artifact_record, verify_artifact
@@ -74,7 +75,7 @@ def resolve_device(spec: str):
     import torch
 
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"pipeline.device = {spec!r} but no CUDA device is visible; use 'auto' or 'cpu'")
@@ -83,7 +84,7 @@ def resolve_device(spec: str):
             raise ConfigError(
                 f"pipeline.device = {spec!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
-        return dev
+        return dist.local_device(dev)
     return torch.device(spec)
 
 
@@ -145,8 +146,28 @@ def preflight(cfg: Config) -> None:
             num_classes = data_mod.load_data(cfg.data, cfg.pipeline.seed, base_dir=cfg.resolve(".")).num_classes
             models.build_model(arch, num_classes, image_size=cfg.data.image_size, small_input=small,
                                weights=str(path), base_dir=cfg.resolve("."))
+    if cfg.distill.method in ("mgd", "mgd+kd"):
+        _check_mgd_layers(cfg)
     resolve_device(cfg.pipeline.device)
     _check_writable(cfg.workdir, cfg.pipeline.workdir)
+
+
+def _check_mgd_layers(cfg: Config) -> None:
+    """Tap layers exist and pair up in spatial size: probed on randomly initialised models, so a
+    typo or an impossible pairing fails before the teacher trains, not after."""
+    import torch
+
+    from pipeline import models
+    from stages.mgd import MGDHead
+
+    def build(arch: str, small: str) -> "torch.nn.Module":
+        return models.build_model(arch, 10, image_size=cfg.data.image_size, small_input=small)
+
+    m = cfg.distill.mgd
+    with torch.random.fork_rng():  # probing must not shift the run's random stream
+        MGDHead(build(cfg.distill.student, cfg.distill.small_input), build(cfg.teacher.arch, cfg.teacher.small_input),
+                m.student_layers, m.teacher_layers, (3, cfg.data.image_size, cfg.data.image_size),
+                alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
 
 
 def _check_writable(workdir: Path, as_written: str) -> None:
@@ -157,6 +178,12 @@ def _check_writable(workdir: Path, as_written: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _save(manifest: Manifest) -> None:
+    """Write the manifest: rank 0 only under torchrun (every rank keeps the same records)."""
+    if dist.is_main():
+        manifest.save()
 
 
 def _now() -> str:
@@ -175,6 +202,7 @@ class Runner:
     def run(self) -> RunOutcome:
         """Run the selected stages; never raises for a stage failure (see the exit code)."""
         cfg = self.cfg
+        dist.init()  # under torchrun: join the process group; rank 0 alone writes files
         preflight(cfg)
         manifest = Manifest.load(cfg.workdir)
         device = resolve_device(cfg.pipeline.device)
@@ -200,7 +228,7 @@ class Runner:
                     status="skipped", reason=f"disabled in the config ([{stage.name}] enabled = false)",
                     config=getattr(cfg, stage.name).model_dump(mode="json"), ended=_now(),
                 )
-                manifest.save()
+                _save(manifest)
                 continue
             inputs, problem = self._inputs(stage, manifest)
             if problem:
@@ -220,13 +248,13 @@ class Runner:
                 rerun_rest = True
                 manifest.stages[stage.name] = record
                 if code != EXIT_OK:
-                    manifest.save()
+                    _save(manifest)
                     outcome.code = code
                     outcome.messages.append(f"stage {stage.name} {record.status}: {record.reason}")
                     break
             self._apply_gates(stage.name, record, manifest)
             manifest.stages[stage.name] = record
-            manifest.save()
+            _save(manifest)
 
         if outcome.code == EXIT_OK:
             failed = [g for rec in manifest.stages.values() for g in rec.gates if g.passed is False]
@@ -298,9 +326,11 @@ class Runner:
         )
         try:
             result = stage.run(ctx)
+            dist.barrier()  # rank 0 has written the outputs that every rank now hashes
             data_holder["data"] = ctx.data
             metrics = {k: dict(v) for k, v in result.metrics.items()}
-            for name, m in result.measure.items():
+            # Measuring is rank 0's job; the others wait at the barrier below.
+            for name, m in (result.measure.items() if dist.is_main() else ()):
                 log.info("stage %s: measuring %s on %s (%s)", stage.name, name, m.runtime.name, m.runtime.device)
                 threads = torch.get_num_threads()
                 try:
@@ -312,6 +342,7 @@ class Runner:
                 finally:
                     torch.set_num_threads(threads)  # [bench] threads must not leak into training
                 metrics[name] = {**measured, **metrics.get(name, {})}
+            dist.barrier()
             outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
         except StageUnavailable as exc:
             return StageRecord(status="unavailable", reason=str(exc), ended=_now(),
@@ -337,7 +368,7 @@ class Runner:
             status="failed", reason=reason, ended=_now(), seed=self.cfg.pipeline.seed,
             device=str(device), versions=versions,
         )
-        manifest.save()
+        _save(manifest)
 
     def _apply_gates(self, name: str, record: StageRecord, manifest: Manifest) -> None:
         """Add speedup vs teacher to every measured artifact, then evaluate the gates."""

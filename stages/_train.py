@@ -15,16 +15,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import dist
 from pipeline.config import OptimConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import atomic_write_bytes
 from pipeline.ui import progress
+
+if TYPE_CHECKING:
+    from pipeline.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,12 @@ class History:
 
 
 def save_torch(obj: object, path: Path) -> None:
-    """torch.save, atomically (temp file + fsync + rename): a crash never leaves half a file."""
+    """torch.save, atomically (temp file + fsync + rename): a crash never leaves half a file.
+
+    Under torchrun only rank 0 writes; the runner's barrier lets the others read the file.
+    """
+    if not dist.is_main():
+        return
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -58,6 +67,20 @@ def save_torch(obj: object, path: Path) -> None:
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every tensor on the CPU (portable checkpoints)."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def loaders(ctx: "StageContext") -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Train and val loaders for a training stage: seeded shuffling, a DistributedSampler
+    under torchrun (each rank sees its shard), pinned memory on CUDA."""
+    data, seed, cfg = ctx.data, ctx.cfg.pipeline.seed, ctx.cfg.data
+    sampler = None
+    if dist.enabled():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data.train, shuffle=True, seed=seed)
+    train = data.loader("train", cfg.batch_size, seed=seed, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=ctx.device.type == "cuda")
+    return train, data.loader("val", cfg.batch_size, num_workers=cfg.num_workers)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -112,7 +135,9 @@ def fit(
     """Train `model` in place; return its per-epoch history.
 
     `extra` holds additional trainable modules (e.g. MGD generation blocks) that are optimised
-    and checkpointed with the model but are not part of it. `epochs`/`lr` override `optim`'s
+    and checkpointed with the model but are not part of it. Under torchrun the model is wrapped
+    in DistributedDataParallel (the caller passes a DistributedSampler in `train_loader`) and
+    the gradients of `extra` are averaged across ranks. `epochs`/`lr` override `optim`'s
     (healing uses its own). Resumes from `checkpoint` when it was written under the same `key`.
     The final weights are kept (no selection on val: that would tune on evaluation images).
     """
@@ -138,9 +163,16 @@ def fit(
     if start_epoch >= epochs and epochs > 0:
         log.info("%s: all %d epochs already done (checkpoint)", desc, epochs)
         return history
+    net: nn.Module = model
+    if dist.enabled():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if extra is not None:
+            dist.broadcast_parameters(extra)
 
     with progress() as bar:
-        task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="")
+        task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="", visible=dist.is_main())
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -155,7 +187,7 @@ def fit(
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, logits = loss_fn(model, images, labels)
+                    loss, logits = loss_fn(net, images, labels)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"{desc}: loss is {loss.item()} at epoch {epoch + 1} batch {batch_idx + 1}; "
@@ -165,10 +197,14 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                if extra is not None:
+                    dist.average_gradients(extra)  # DDP syncs the model; the MGD blocks are ours to sync
+                if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
                 else:
-                    loss.backward()
                     opt.step()
                 sched.step()
                 n = labels.numel()
@@ -186,7 +222,7 @@ def fit(
                 "seconds": time.perf_counter() - t0,
             }
             history.epochs.append(record)
-            log.info(
+            (log.info if dist.is_main() else log.debug)(
                 "%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)",
                 desc, epoch + 1, epochs, record["loss"], record["train_acc"], val_acc, record["seconds"],
             )

@@ -18,7 +18,7 @@ from export.runtimes import TorchRuntime
 from pipeline.config import TeacherConfig
 from pipeline.models import build_model
 from pipeline.stage import Measure, StageContext, StageResult, register
-from stages._train import fit, save_torch, state_dict_cpu
+from stages._train import fit, loaders, save_torch, state_dict_cpu
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,11 @@ def run(ctx: StageContext) -> StageResult:
     cfg: TeacherConfig = ctx.cfg.teacher
     torch.manual_seed(ctx.cfg.pipeline.seed)
     model = build_teacher(ctx)
-    data = ctx.data
+    train, val = loaders(ctx)
     history = fit(
         model,
-        train_loader=data.loader("train", ctx.cfg.data.batch_size, seed=ctx.cfg.pipeline.seed,
-                                 num_workers=ctx.cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"),
-        val_loader=data.loader("val", ctx.cfg.data.batch_size, num_workers=ctx.cfg.data.num_workers),
+        train_loader=train,
+        val_loader=val,
         optim=cfg,
         device=ctx.device,
         checkpoint=ctx.out_dir / "checkpoint.pt",

@@ -45,13 +45,30 @@ threads = 1
 """
 
 
+def merge_toml(text: str) -> str:
+    """Merge repeated [tables] of a simple TOML text: later keys override earlier ones."""
+    tables: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s
+            tables.setdefault(current, [])
+        elif s and not s.startswith("#"):
+            key = s.split("=")[0].strip()
+            tables.setdefault(current, [])
+            tables[current] = [kv for kv in tables[current] if kv.split("=")[0].strip() != key] + [s]
+    return "\n".join(f"{t}\n" + "\n".join(kvs) for t, kvs in tables.items()) + "\n"
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     """Factory: write a tiny pipeline.toml (plus `extra` TOML appended) and return its path."""
 
     def make(extra: str = "", text: str | None = None, name: str = "pipeline.toml") -> Path:
+        """`extra` overrides keys of the tiny config table by table; `text` is written verbatim."""
         path = tmp_path / name
-        path.write_text(textwrap.dedent(TINY_TOML if text is None else text) + "\n" + textwrap.dedent(extra))
+        path.write_text(text if text is not None else merge_toml(TINY_TOML + "\n" + textwrap.dedent(extra)))
         return path
 
     return make

@@ -68,10 +68,6 @@ def test_bad_input_one_line_exit_2_manifest_untouched(case, tmp_path, tiny_confi
         text = extra
         extra = ""
     path = tiny_config(extra=extra, text=text)
-    # Merge duplicate tables: TOML forbids redefining a table, so rewrite the tiny config's.
-    if text is None:
-        merged = _merge(path.read_text())
-        path.write_text(merged)
     workdir = tmp_path / "run"
     workdir.mkdir()
     before = _plant_manifest(workdir)
@@ -86,29 +82,6 @@ def test_bad_input_one_line_exit_2_manifest_untouched(case, tmp_path, tiny_confi
     assert len(errors) == 1 and errors[0].startswith("error:") and err.splitlines()[-1] == errors[0], err
     assert "Traceback" not in err
     assert (workdir / "manifest.json").read_bytes() == before
-
-
-def _merge(text: str) -> str:
-    """Later keys of a repeated [table] override earlier ones (test convenience)."""
-    import tomllib
-
-    tables: dict[str, list[str]] = {}
-    order: list[str] = []
-    current = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("[") and s.endswith("]"):
-            current = s
-            if current not in tables:
-                tables[current] = []
-                order.append(current)
-            continue
-        if s and current:
-            key = s.split("=")[0].strip()
-            tables[current] = [l for l in tables[current] if l.split("=")[0].strip() != key] + [s]
-    out = "\n".join(f"{t}\n" + "\n".join(tables[t]) for t in order) + "\n"
-    tomllib.loads(out)
-    return out
 
 
 def test_validate_command(tiny_config, capsys):
@@ -159,3 +132,18 @@ def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
     fourth = cli("run", str(gated))
     assert fourth.returncode == 3, fourth.stderr[-2000:]
     assert "latency_ms FAILED on teacher" in fourth.stderr and "budget <= 0.0001" in fourth.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("[distill.mgd]\nstudent_layers = ['layer9']\n", "distill.mgd.student_layers: 'layer9'"),
+        ("[distill.mgd]\nteacher_layers = ['layer3']\n", "student layer layer4 outputs 1×1 but teacher layer layer3 outputs 2×2"),
+    ],
+)
+def test_mgd_layer_errors_before_anything_trains(extra, expected, tiny_config, tmp_path, capsys):
+    path = tiny_config(extra=extra)
+    code = cli.main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "run" / "manifest.json").exists()
