@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--train-share", type=float, default=0.15, help="share of the digits used for training")
     ap.add_argument("--teacher-epochs", type=int, default=60)
+    ap.add_argument("--teacher-optimizer", choices=["sgd", "adamw"], default=None, help="default: the config's")
+    ap.add_argument("--teacher-lr", type=float, default=None, help="default: the config's")
     ap.add_argument("--student-epochs", type=int, default=30)
     ap.add_argument("--alpha", type=float, nargs="+", default=[7e-5], help="MGD alpha(s); each runs mgd and mgd+kd")
     ap.add_argument("--mask", choices=["channel", "pixel"], default="channel")
@@ -66,6 +68,10 @@ def main() -> None:
                 if args.image_size:
                     raw["data"]["image_size"] = args.image_size
                 raw["teacher"]["epochs"] = args.teacher_epochs
+                if args.teacher_optimizer:
+                    raw["teacher"]["optimizer"] = args.teacher_optimizer
+                if args.teacher_lr:
+                    raw["teacher"]["lr"] = args.teacher_lr
                 raw["distill"].update(epochs=args.student_epochs, method=method, baseline=False)
                 raw["distill"]["mgd"].update(alpha=alpha or args.alpha[0], mask=args.mask, mask_ratio=args.mask_ratio,
                                             teacher_layers=args.layers, student_layers=args.layers)
@@ -84,7 +90,9 @@ def main() -> None:
     size = args.image_size or d["data"]["image_size"]
     print(f"\n{d['teacher']['arch']} -> {d['distill']['student']}, digits {size}px, train share {args.train_share} "
           f"({int(round(1797 * args.train_share))} images), eval on the other {1 - args.train_share:.0%}; "
-          f"teacher {args.teacher_epochs} ep, students {args.student_epochs} ep; "
+          f"teacher {args.teacher_epochs} ep ({d['teacher']['optimizer'] if not args.teacher_optimizer else args.teacher_optimizer} "
+          f"lr {args.teacher_lr or d['teacher']['lr']}), students {args.student_epochs} ep ({d['distill']['optimizer']} "
+          f"lr {d['distill']['lr']}); "
           f"mask {args.mask} {args.mask_ratio}, layers {args.layers}; seeds {args.seeds}; "
           f"{(time.perf_counter() - t_start) / 60:.1f} min")
     print(f"{'method':16s} {'top-1 % per seed':40s} {'mean ± std':>14s} {'paired gain vs baseline (pt)':>30s}")

@@ -45,6 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     runner = Runner(cfg, opts)
     outcome = runner.run()
     console.print(summary_table(outcome.manifest, outcome.visited))
+    for name in outcome.visited:  # warnings again, also for cached stages: they still apply
+        rec = outcome.manifest.stages.get(name)
+        for w in rec.warnings if rec else ():
+            console.print(f"[yellow]warning ({name}):[/] {escape(w)}", highlight=False, soft_wrap=True)
     for msg in outcome.messages:
         console.print(("[red]" if outcome.code else "[yellow]") + escape(msg), highlight=False, soft_wrap=True)
     console.print(f"manifest: {outcome.manifest.path}")

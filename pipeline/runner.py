@@ -326,6 +326,9 @@ class Runner:
         )
         try:
             result = stage.run(ctx)
+            undeclared = set(result.outputs) - set(stage.outputs)
+            if undeclared:  # a programming error in the stage: one name per concept, declared up front
+                raise RuntimeError(f"stage produced undeclared artifacts {sorted(undeclared)}")
             dist.barrier()  # rank 0 has written the outputs that every rank now hashes
             data_holder["data"] = ctx.data
             metrics = {k: dict(v) for k, v in result.metrics.items()}

@@ -129,8 +129,9 @@ def run(ctx: StageContext) -> StageResult:
         result.measure["student_baseline"] = Measure(
             TorchRuntime(baseline, ctx.device, bench), model=baseline, path=result.outputs["student_baseline"], reference=True)
         result.history["student_baseline"] = bhist
-        teacher_acc = evaluate_module(_load_teacher(ctx), ctx.data.loader("val", ctx.cfg.data.batch_size), ctx.device)
-        baseline_acc = bhist[-1]["val_acc"] if bhist else evaluate_module(baseline, ctx.data.loader("val", 64), ctx.device)
+        val = ctx.data.loader("val", ctx.cfg.data.batch_size)
+        teacher_acc = evaluate_module(_load_teacher(ctx), val, ctx.device)
+        baseline_acc = bhist[-1]["val_acc"] if bhist else evaluate_module(baseline, val, ctx.device)
         if teacher_acc <= baseline_acc:
             result.warnings.append(
                 f"the teacher ({teacher_acc:.4f} val accuracy) does not beat the student trained alone "

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from pipeline import cli
+from tests.conftest import run_cli
 from pipeline.manifest import Manifest, StageRecord
 
 def _plant_manifest(workdir):
@@ -147,3 +148,32 @@ def test_mgd_layer_errors_before_anything_trains(extra, expected, tiny_config, t
     err = capsys.readouterr().err
     assert code == 2 and expected in err, err
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_mid_training_resumes_at_last_epoch(tmp_path, tiny_config):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = tiny_config(extra="[teacher]\nepochs = 6\n")
+    ckpt = tmp_path / "run" / "teacher" / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--until", "teacher"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: as a crash or an OOM kill
+    proc.wait()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < 6
+    assert not (tmp_path / "run" / "teacher" / "teacher.pt").exists()
+
+    again = run_cli("run", str(path), "--until", "teacher")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming teacher from epoch {done + 1}" in again.stderr
+    history = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]["history"]["teacher"]
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4, 5, 6]

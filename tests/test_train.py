@@ -111,3 +111,44 @@ def test_training_learns(tmp_path, tiny_model):
     h = fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=8, lr=0.05, warmup_epochs=0),
             device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
     assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
+
+
+def test_resume_restores_mgd_blocks_and_random_masks(tmp_path, tiny_model):
+    """The MGD blocks (`extra`) and the RNG behind the random masks are checkpointed too."""
+    from stages.mgd import FeatureTap, MGDLoss
+
+    def run(model, head, ckpt, crash_after=None):
+        torch.manual_seed(0)
+        teacher = copy.deepcopy(tiny_model).eval()
+        s_tap, t_tap = FeatureTap(model, ["3"], role="student"), FeatureTap(teacher, ["3"], role="teacher")
+        calls = {"n": 0}
+
+        def loss_fn(m, x, y):
+            calls["n"] += 1
+            if crash_after is not None and calls["n"] > crash_after:
+                raise Interrupt
+            logits = m(x)
+            with torch.no_grad():
+                teacher(x)
+            return F.cross_entropy(logits, y) + head(s_tap.take()[0], t_tap.take()[0]), logits
+
+        train, val = _loaders()
+        try:
+            fit(model, train_loader=train, val_loader=val, optim=OPT, device=torch.device("cpu"),
+                checkpoint=ckpt, key="k", desc="mgd", loss_fn=loss_fn, extra=head)
+        finally:
+            s_tap.remove()
+            t_tap.remove()
+
+    torch.manual_seed(5)
+    head0 = MGDLoss(8, 8, alpha=1e-2, mask_ratio=0.5)
+    ref_model, ref_head = copy.deepcopy(tiny_model), copy.deepcopy(head0)
+    run(ref_model, ref_head, tmp_path / "ref.pt")
+    model, head = copy.deepcopy(tiny_model), copy.deepcopy(head0)
+    with pytest.raises(Interrupt):
+        run(model, head, tmp_path / "c.pt", crash_after=2 * 6 + 2)
+    model, head = copy.deepcopy(tiny_model), copy.deepcopy(head0)  # a fresh process: initial weights
+    run(model, head, tmp_path / "c.pt")
+    for a, b in zip(list(ref_model.state_dict().values()) + list(ref_head.state_dict().values()),
+                    list(model.state_dict().values()) + list(head.state_dict().values())):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
