@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 
-from pipeline import config as config_mod
-from pipeline.config import ConfigError
 from rich.markup import escape
 
+from pipeline import config as config_mod
+from pipeline.config import ConfigError
 from pipeline.ui import console, setup_logging
 
 log = logging.getLogger("pipeline")
