@@ -7,7 +7,6 @@ manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no tr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from rich.markup import escape
@@ -15,9 +14,6 @@ from rich.markup import escape
 from pipeline import config as config_mod
 from pipeline.config import ConfigError
 from pipeline.ui import console, setup_logging
-
-log = logging.getLogger("pipeline")
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="MGD edge-compression pipeline.")

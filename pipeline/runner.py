@@ -133,6 +133,7 @@ def preflight(cfg: Config) -> None:
             models.check_arch(arch)
         except ConfigError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+    num_classes: int | None = None  # read from the data at most once
     for table, arch, weights, small in (
         ("teacher", cfg.teacher.arch, cfg.teacher.weights, cfg.teacher.small_input),
         ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.small_input),
@@ -143,7 +144,8 @@ def preflight(cfg: Config) -> None:
             path = cfg.resolve(weights)
             if not path.is_file():
                 raise ConfigError(f"{table}.weights = {weights!r}: file not found ({path})")
-            num_classes = data_mod.load_data(cfg.data, cfg.pipeline.seed, base_dir=cfg.resolve(".")).num_classes
+            if num_classes is None:
+                num_classes = data_mod.load_data(cfg.data, cfg.pipeline.seed, base_dir=cfg.resolve(".")).num_classes
             models.build_model(arch, num_classes, image_size=cfg.data.image_size, small_input=small,
                                weights=str(path), base_dir=cfg.resolve("."))
     if cfg.distill.method in ("mgd", "mgd+kd"):

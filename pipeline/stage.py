@@ -7,7 +7,6 @@ ordered by each stage's `order`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -18,9 +17,6 @@ if TYPE_CHECKING:
     from pipeline.bench import Runtime
     from pipeline.config import Config
     from pipeline.data import DataBundle
-
-log = logging.getLogger(__name__)
-
 
 class StageUnavailable(Exception):
     """Raised by a stage that cannot run on this machine (e.g. TensorRT not installed).
