@@ -4,14 +4,18 @@ Each runtime wraps one built artifact behind the same four members (`name`, `dev
 `threads`, `prepare` / `infer` / `predict`), so the shared harness in `pipeline.bench` and
 the accuracy code in `pipeline.evaluate` treat every backend identically.
 
-For now only :class:`TorchRuntime` exists. Later runtimes (ONNX Runtime, OpenVINO,
-TensorRT) are added here behind the same interface; their backends are imported lazily
-inside the functions that need them, so importing this module never requires them.
+Implemented: :class:`TorchRuntime` (eager), :class:`OrtRuntime` (ONNX Runtime: CPU, and
+the CUDA / TensorRT execution providers where onnxruntime-gpu is installed),
+:class:`OpenVINORuntime`, and :class:`TensorRTRuntime` (a serialized engine; lives in
+`export/tensorrt.py`, needs CUDA). Each also exposes `input_names` / `output_names`.
+Backends are imported lazily inside the constructors, so importing this module never requires
+them.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +30,8 @@ class TorchRuntime:
     """A torch module run eagerly, the reference every exported build is compared against."""
 
     name = "torch"
+    input_names = ("input",)
+    output_names = ("logits",)
 
     def __init__(
         self,
@@ -78,3 +84,108 @@ class TorchRuntime:
 
     def __repr__(self) -> str:
         return f"TorchRuntime(device={self.device!r}, threads={self.threads}, channels_last={self.channels_last})"
+
+
+def _first_output(out: object) -> np.ndarray:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return np.asarray(out, dtype=np.float32)
+
+
+class OrtRuntime:
+    """An ONNX model on ONNX Runtime.
+
+    `providers` defaults to CPU only; pass e.g. ``["CUDAExecutionProvider",
+    "CPUExecutionProvider"]`` on a machine with onnxruntime-gpu. The intra-op thread count is
+    fixed (inter-op 1, sequential execution) so timings are comparable with the other runtimes.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 0, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.threads = resolve_threads(threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        providers = list(providers or ["CPUExecutionProvider"])
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(
+                f"onnxruntime {ort.__version__} lacks {', '.join(missing)} "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.device = "cuda:0" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def prepare(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The input feed: one contiguous float32 array under the model's input name."""
+        return {self.input_names[0]: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def infer(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One synchronous `session.run` (results are host arrays, so it has finished)."""
+        return self.session.run(None, prepared)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits as float32 numpy, shape (N, num_classes)."""
+        return _first_output(self.infer(self.prepare(batch)))
+
+    def __repr__(self) -> str:
+        return f"OrtRuntime({self.path.name!r}, providers={self.providers}, threads={self.threads})"
+
+
+class OpenVINORuntime:
+    """An OpenVINO IR (`.xml` + `.bin`) or ONNX file compiled by OpenVINO.
+
+    `precision` is OpenVINO's `INFERENCE_PRECISION_HINT`: ``"f32"`` runs FP32 layers in FP32
+    (some CPUs otherwise default to bf16, which breaks parity checks); ``"default"`` leaves
+    the device's choice. INT8 layers run in INT8 whatever the hint. The latency hint and a
+    fixed thread count make batch-1 timings comparable with the other runtimes.
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: str | Path, threads: int = 0, device: str = "CPU", precision: str = "f32") -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        self.threads = resolve_threads(threads)
+        self.device = device.lower()
+        self.ov_device = device
+        core = ov.Core()
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.upper().startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        if precision != "default":
+            config["INFERENCE_PRECISION_HINT"] = precision
+        self.compiled = core.compile_model(core.read_model(str(self.path)), device, config)
+        # What the device actually uses, recorded in the manifest (it may differ from the hint).
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # "f32", "bf16"
+        self.request = self.compiled.create_infer_request()
+        self.input_names = tuple(next(iter(i.get_names()), f"input{n}") for n, i in enumerate(self.compiled.inputs))
+        self.output_names = tuple(next(iter(o.get_names()), f"output{n}") for n, o in enumerate(self.compiled.outputs))
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        """A contiguous float32 array (OpenVINO wraps it without a copy)."""
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def infer(self, prepared: np.ndarray) -> np.ndarray:
+        """One synchronous inference on the reused infer request."""
+        self.request.infer({0: prepared})
+        return self.request.get_output_tensor(0).data
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits as float32 numpy, shape (N, num_classes) (copied out of the request's buffer)."""
+        return np.array(self.infer(self.prepare(batch)), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OpenVINORuntime({self.path.name!r}, device={self.ov_device!r}, precision={self.precision}, threads={self.threads})"

@@ -24,6 +24,7 @@ ARTIFACT_NAMES = (
     "student_kd",
     "pruned",
     "onnx",
+    "onnx_int8",
     "teacher_onnx",
     "openvino_fp32",
     "openvino_int8",
@@ -160,6 +161,15 @@ class OnnxConfig(_Section):
     dynamic_batch: bool = Field(True, description="Dynamic batch axis.")
     simplify: bool = Field(True, description="Simplify with onnxslim.")
     parity_atol: float = Field(1e-3, gt=0, description="Max abs logit difference vs torch allowed.")
+    parity_min_agreement: float = Field(
+        0.99, ge=0, le=1, description="Min share of val images where ONNX and torch agree on the top-1 class."
+    )
+    int8: bool = Field(
+        True, description="Also build onnx_int8 for ONNX Runtime CPU (static Q/DQ, QUInt8 activations, calibration split)."
+    )
+    export_teacher: bool = Field(
+        True, description="Also export the teacher (teacher_onnx) so speedups are measured on the same runtime."
+    )
 
 
 class OpenVINOConfig(_Section):
@@ -167,12 +177,21 @@ class OpenVINOConfig(_Section):
     precisions: list[Literal["fp32", "int8"]] = Field(["fp32", "int8"], min_length=1, description="fp32 and/or int8")
     accuracy_control: bool = Field(False, description="INT8 with nncf.quantize_with_accuracy_control.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Accuracy-control budget.")
+    inference_precision: Literal["f32", "bf16", "f16", "default"] = Field(
+        "f32", description="INFERENCE_PRECISION_HINT for the FP32 builds (default: the device's own choice, bf16 on some CPUs)."
+    )
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="NNCF preset: performance (symmetric) | mixed (asymmetric activations)."
+    )
 
 
 class TensorRTConfig(_Section):
     enabled: bool = Field(True, description="Build the TensorRT INT8 Q/DQ ONNX (and an engine where CUDA is present).")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("entropy", description="minmax | entropy | percentile")
     workspace_mb: int = Field(1024, ge=16, description="Builder workspace limit.")
+    percentile: float = Field(99.999, gt=90, le=100, description="calibration = percentile: the percentile kept.")
+    per_channel: bool = Field(True, description="Per-channel weight scales.")
+    build_engine: bool = Field(True, description="Build the engine when the tensorrt package and a CUDA device are present.")
 
 
 class BenchConfig(_Section):
@@ -188,6 +207,12 @@ class GatesConfig(_Section):
     )
     min_speedup_vs_teacher: float = Field(0.0, ge=0, description="Deployed build latency ratio at batch 1; 0 disables.")
     latency_ms: dict[str, float] = Field({}, description="p90 at batch 1 budget, keyed by artifact name.")
+    min_int8_speedup: float = Field(
+        0.0, ge=0, description="INT8 build p50 vs the FP32 build on the same runtime, at batch 1, at least this; 0 disables."
+    )
+    max_int8_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="INT8 build accuracy vs the FP32 build on the same runtime, at most this drop."
+    )
 
     @field_validator("latency_ms")
     @classmethod

@@ -78,6 +78,8 @@ class StageRecord(BaseModel):
     reference: list[str] = Field([], description="Metric entries measured for comparison only; gates skip them.")
     history: dict[str, list[dict[str, float]]] = Field({}, description="Per-epoch training curves per artifact.")
     warnings: list[str] = []
+    unavailable: dict[str, str] = Field({}, description="Artifacts this machine could not build or measure, and why.")
+    commands: dict[str, str] = Field({}, description="Commands to reproduce a figure or finish a build on the target.")
     gates: list[GateResult] = []
     started: str = ""
     ended: str = ""

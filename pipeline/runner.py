@@ -362,7 +362,8 @@ class Runner:
         record = StageRecord(
             status="ok", outputs=outputs, metrics=metrics, history=result.history,
             reference=sorted(n for n, m in result.measure.items() if m.reference),
-            warnings=result.warnings, ended=_now(), seconds=time.perf_counter() - t0, **base,
+            warnings=result.warnings, unavailable=result.unavailable, commands=result.commands,
+            ended=_now(), seconds=time.perf_counter() - t0, **base,
         )
         for w in result.warnings:
             log.warning("stage %s: %s", stage.name, w)

@@ -45,6 +45,11 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # stage-specific, nested per artifact
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # per-epoch curves per artifact
     warnings: list[str] = field(default_factory=list)
+    # Parts of the stage that cannot run on this machine (e.g. the TensorRT engine without a
+    # GPU): artifact name -> why. The stage itself is still ok.
+    unavailable: dict[str, str] = field(default_factory=dict)
+    # Commands a user runs to reproduce or finish a result elsewhere (benchmark_app, trtexec).
+    commands: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
