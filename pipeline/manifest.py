@@ -51,8 +51,8 @@ class ManifestError(ConfigError):
 class Artifact(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="Path relative to the workdir.")
-    sha256: str = Field(description="Hex SHA-256 of the file's bytes.")
-    bytes: int = Field(ge=0, description="File size.")
+    sha256: str = Field(description="Hex SHA-256 of the file's bytes (an OpenVINO .xml, then its .bin).")
+    bytes: int = Field(ge=0, description="Size in bytes (.xml + .bin for OpenVINO).")
 
 
 class GateResult(BaseModel):
@@ -97,19 +97,35 @@ class ManifestModel(BaseModel):
     stages: dict[str, StageRecord] = {}
 
 
+def artifact_files(path: Path) -> list[Path]:
+    """The files one artifact consists of: the file itself, plus the weights `.bin` of an
+    OpenVINO `.xml` (the IR is a pair; editing either must invalidate the artifact)."""
+    path = Path(path)
+    files = [path]
+    if path.suffix.lower() == ".xml" and path.with_suffix(".bin").is_file():
+        files.append(path.with_suffix(".bin"))
+    return files
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, streamed so large models do not fill memory."""
+    """Hex SHA-256 of an artifact's bytes (an OpenVINO `.xml` then its `.bin`), streamed so
+    large models do not fill memory."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for file in artifact_files(path):
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 
+def _artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in artifact_files(path))
+
+
 def artifact_record(path: Path, workdir: Path) -> Artifact:
-    """Hash a finished artifact file and describe it relative to the workdir."""
+    """Hash a finished artifact and describe it relative to the workdir."""
     path = Path(path)
-    return Artifact(path=os.path.relpath(path, workdir), sha256=sha256_file(path), bytes=path.stat().st_size)
+    return Artifact(path=os.path.relpath(path, workdir), sha256=sha256_file(path), bytes=_artifact_bytes(path))
 
 
 def verify_artifact(art: Artifact, workdir: Path) -> str | None:
@@ -117,7 +133,9 @@ def verify_artifact(art: Artifact, workdir: Path) -> str | None:
     path = workdir / art.path
     if not path.is_file():
         return f"{art.path} is missing"
-    size = path.stat().st_size
+    if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
+        return f"{path.with_suffix('.bin').name} (the weights of {art.path}) is missing"
+    size = _artifact_bytes(path)
     if size != art.bytes:
         return f"{art.path} changed size ({art.bytes} -> {size} bytes)"
     if sha256_file(path) != art.sha256:

@@ -275,7 +275,8 @@ class Runner:
         index = manifest.artifact_index()
         found: dict[str, Artifact] = {}
         for spec in stage.inputs:
-            for name in spec.split("|"):
+            optional = spec.endswith("?")  # "teacher_onnx?": used when some stage produced it
+            for name in spec.rstrip("?").split("|"):
                 if name in index:
                     producer, art = index[name]
                     bad = verify_artifact(art, manifest.workdir)
@@ -284,7 +285,8 @@ class Runner:
                     found[name] = art
                     break
             else:
-                return found, f"input {spec!r} is not available: run the stage that produces it first"
+                if not optional:
+                    return found, f"input {spec!r} is not available: run the stage that produces it first"
         return found, None
 
     def _why_rerun(self, stage: Stage, old: StageRecord | None, key: str, rerun_rest: bool, manifest: Manifest) -> str | None:

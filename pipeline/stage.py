@@ -88,7 +88,8 @@ class Stage:
     name: str
     order: int
     run: Callable[[StageContext], StageResult]
-    inputs: tuple[str, ...]  # each entry an artifact name, or "a|b": the first of them that exists
+    # Each entry an artifact name, "a|b" (the first of them that exists), or "a?" (optional).
+    inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     config_keys: tuple[str, ...]  # config tables whose values go into the cache key
     enabled: Callable[["Config"], bool]
