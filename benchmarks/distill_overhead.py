@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.config import DistillConfig
 from pipeline.models import build_model
-from stages.distill import _distill_loss
+from stages.distill import distill_loss
 from stages.mgd import FeatureTap, MGDHead
 
 
@@ -58,7 +58,7 @@ def _step_fns(teacher_arch: str, student_arch: str, size: int, batch: int, small
 
     s_tap = FeatureTap(student, cfg.mgd.student_layers, role="student")
     t_tap = FeatureTap(teacher, cfg.mgd.teacher_layers, role="teacher")
-    mgd_loss = _distill_loss(cfg, teacher, head, s_tap, t_tap)
+    mgd_loss = distill_loss(cfg, teacher, head, s_tap, t_tap)
 
     def c():
         loss, _ = mgd_loss(student, x, y)

@@ -150,6 +150,8 @@ def preflight(cfg: Config) -> None:
                                weights=str(path), base_dir=cfg.resolve("."))
     if cfg.distill.method in ("mgd", "mgd+kd"):
         _check_mgd_layers(cfg)
+    if cfg.prune.enabled:
+        _check_prune(cfg)
     resolve_device(cfg.pipeline.device)
     _check_writable(cfg.workdir, cfg.pipeline.workdir)
 
@@ -170,6 +172,20 @@ def _check_mgd_layers(cfg: Config) -> None:
         MGDHead(build(cfg.distill.student, cfg.distill.small_input), build(cfg.teacher.arch, cfg.teacher.small_input),
                 m.student_layers, m.teacher_layers, (3, cfg.data.image_size, cfg.data.image_size),
                 alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
+
+
+def _check_prune(cfg: Config) -> None:
+    """Ignored layers exist, no layer would lose every channel, and Torch-Pruning can trace
+    the student: checked on a randomly initialised student before anything trains."""
+    import torch
+
+    from pipeline import models
+    from stages.prune import make_pruner
+
+    with torch.random.fork_rng():
+        student = models.build_model(cfg.distill.student, 10, image_size=cfg.data.image_size,
+                                     small_input=cfg.distill.small_input).eval()
+        make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune, cfg.distill.student)
 
 
 def _check_writable(workdir: Path, as_written: str) -> None:

@@ -53,7 +53,8 @@ def _build_student(ctx: StageContext) -> nn.Module:
     )
 
 
-def _load_teacher(ctx: StageContext) -> nn.Module:
+def load_frozen_teacher(ctx: StageContext) -> nn.Module:
+    """The trained teacher (`teacher` input) on the stage's device: eval mode, no gradients."""
     teacher = build_teacher(ctx, weights=str(ctx.inputs["teacher"]))
     teacher.to(ctx.device).eval()
     for p in teacher.parameters():
@@ -61,8 +62,12 @@ def _load_teacher(ctx: StageContext) -> nn.Module:
     return teacher
 
 
-def _distill_loss(cfg: DistillConfig, teacher: nn.Module, head: MGDHead | None,
+def distill_loss(cfg: DistillConfig, teacher: nn.Module, head: MGDHead | None,
                   s_tap: FeatureTap | None, t_tap: FeatureTap | None) -> LossFn:
+    """Task loss + MGD over the tapped features (when `head` is given) + KD (per `cfg.method`).
+
+    The teacher runs under no_grad; its logits are only used by KD, its features by MGD.
+    """
     use_kd = cfg.method in ("kd", "mgd+kd")
 
     def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +91,7 @@ def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[d
     head = s_tap = t_tap = None
     loss_fn = None
     if method != "none":
-        teacher = _load_teacher(ctx)
+        teacher = load_frozen_teacher(ctx)
         student.to(ctx.device)
         run_cfg = cfg.model_copy(update={"method": method})
         if method in ("mgd", "mgd+kd"):
@@ -98,7 +103,7 @@ def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[d
             log.info("MGD pairs %s", ", ".join(
                 f"{s}({l.student_channels}ch) → {t}({l.teacher_channels}ch){' +align' if l.align is not None else ''}"
                 for (s, t), l in zip(head.pairs, head.losses)))
-        loss_fn = _distill_loss(run_cfg, teacher, head, s_tap, t_tap)
+        loss_fn = distill_loss(run_cfg, teacher, head, s_tap, t_tap)
     train, val = loaders(ctx)
     try:
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
@@ -130,7 +135,7 @@ def run(ctx: StageContext) -> StageResult:
             TorchRuntime(baseline, ctx.device, bench), model=baseline, path=result.outputs["student_baseline"], reference=True)
         result.history["student_baseline"] = bhist
         val = ctx.data.loader("val", ctx.cfg.data.batch_size)
-        teacher_acc = evaluate_module(_load_teacher(ctx), val, ctx.device)
+        teacher_acc = evaluate_module(load_frozen_teacher(ctx), val, ctx.device)
         baseline_acc = bhist[-1]["val_acc"] if bhist else evaluate_module(baseline, val, ctx.device)
         if teacher_acc <= baseline_acc:
             result.warnings.append(

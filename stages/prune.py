@@ -1,0 +1,282 @@
+"""Prune stage: structured channel pruning of the distilled student, healed by MGD.
+
+Torch-Pruning's dependency graph (DepGraph, Fang et al. CVPR 2023) removes whole channels
+through every coupled layer (a residual block's convs, BatchNorms and shortcut together), so
+the result is a smaller dense network that every runtime runs faster, not a sparse mask.
+Channel importance is `magnitude` (L2 of each channel group's weights), `taylor` (first-order
+Taylor, |w · ∂L/∂w|, from a few calibration batches) or `bn_scale` (|γ| of the BatchNorms).
+The remaining channel counts stay multiples of `round_to` (SIMD- and tensor-core-friendly); the
+classifier head and the user's `ignore_layers` keep all their channels.
+
+Pruning costs accuracy, so the pruned student is fine-tuned for `heal_epochs` with the task
+loss plus MGD from the teacher (Yang et al. 2022, arXiv 2205.01529): the tap layers are probed
+again on the pruned student, so the MGD align convs match its new widths. The stage records
+params, MACs, size, accuracy and torch-eager latency before pruning, after pruning and after
+healing, so the manifest shows what pruning bought in measured time, not only in MACs.
+
+Inputs: `student`, `teacher`. Output: `pruned` — architecture, Torch-Pruning history and state
+dict as plain data (see `stages/_student.py`), rebuilt without unpickling any module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.runtimes import TorchRuntime
+from pipeline.bench import latency_metrics
+from pipeline.config import ConfigError, PruneConfig
+from pipeline.evaluate import count_macs, count_params, evaluate_module
+from pipeline.models import build_model, head_names
+from pipeline.stage import Measure, StageContext, StageResult, register
+from stages._student import is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
+from stages._train import fit, loaders, save_torch
+from stages.distill import distill_loss, load_frozen_teacher
+from stages.mgd import FeatureTap, MGDHead
+
+log = logging.getLogger(__name__)
+
+Config = PruneConfig
+
+# Batches of calibration images whose gradients feed the Taylor importance (per pruning step).
+_TAYLOR_BATCHES = 4
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    if name == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    raise ConfigError(f"prune.importance = {name!r}: allowed magnitude, taylor, bn_scale")
+
+
+def ignored_modules(model: nn.Module, cfg: PruneConfig) -> list[nn.Module]:
+    """The classifier head plus every layer named in `prune.ignore_layers` (and its children).
+
+    Raises :class:`ConfigError` naming an unknown layer, with the closest names.
+    """
+    named = dict(model.named_modules())
+    ignored = [named[h] for h in head_names(model)]
+    for name in cfg.ignore_layers:
+        if name not in named:
+            close = difflib.get_close_matches(name, [n for n in named if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"prune.ignore_layers: the student has no layer {name!r}{hint}")
+        ignored.append(named[name])
+    return ignored
+
+
+def check_whole_layers(model: nn.Module, ignored: list[nn.Module], cfg: PruneConfig) -> None:
+    """Refuse a ratio / round_to that would leave a prunable layer with no channel at all.
+
+    Torch-Pruning rounds the channels it keeps *down* to a multiple of `round_to`, so a layer
+    narrower than `round_to / (1 - ratio)` would be removed entirely, which breaks the network.
+    """
+    skip = {id(m) for root in ignored for m in root.modules()}
+    for name, m in model.named_modules():
+        if id(m) in skip or not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        keep = int(width * (1 - cfg.ratio))
+        keep -= keep % cfg.round_to
+        if keep <= 0:
+            raise ConfigError(
+                f"prune.ratio = {cfg.ratio} with prune.round_to = {cfg.round_to} would remove every one of the "
+                f"{width} channels of layer {name!r}; lower the ratio or round_to, or list the layer in prune.ignore_layers"
+            )
+
+
+def _failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Re-run the forward as Torch-Pruning does (gradients on) with hooks; if it raises, the name
+    of the module that was running, else None (the failure was in Torch-Pruning's graph pass)."""
+    running: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _i, n=n: running.append(n)) for n, m in model.named_modules() if n]
+    # A forward hook that returns a value replaces the module's output: return None explicitly.
+    hooks += [m.register_forward_hook(lambda _m, _i, _o: running.pop() and None) for n, m in model.named_modules() if n]
+    try:
+        with torch.enable_grad():
+            model(example)
+        return None
+    except Exception:
+        return running[-1] if running else "<model>"
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str):
+    """A Torch-Pruning `BasePruner` for `model`, after the whole-layer check.
+
+    Raises :class:`ConfigError` when Torch-Pruning cannot trace the model, naming the layer
+    that was running.
+    """
+    import torch_pruning as tp
+
+    ignored = ignored_modules(model, cfg)
+    check_whole_layers(model, ignored, cfg)
+    try:
+        return tp.pruner.BasePruner(
+            model, example, importance=_importance(cfg.importance), pruning_ratio=cfg.ratio,
+            iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored,
+        )
+    except Exception as exc:
+        layer = _failing_module(model, example)
+        where = f"layer {layer!r} fails under tracing" if layer else "its outputs or graph are not traceable"
+        raise ConfigError(
+            f"prune: Torch-Pruning cannot trace {arch}: {where} ({type(exc).__name__}: {exc}); "
+            "list the layer in prune.ignore_layers, make the model return tensors, or disable [prune]"
+        ) from None
+
+
+def _taylor_gradients(model: nn.Module, ctx: StageContext) -> None:
+    """Accumulate ∂L/∂w over a few calibration batches (Taylor importance reads `.grad`)."""
+    model.zero_grad(set_to_none=True)
+    model.train()  # BatchNorm in train mode as during training; its running stats are restored below
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    loader = ctx.data.loader("calibration", ctx.cfg.data.batch_size)
+    for i, (images, labels) in enumerate(loader):
+        if i >= _TAYLOR_BATCHES:
+            break
+        loss = nn.functional.cross_entropy(model(images.to(ctx.device)), labels.to(ctx.device))
+        loss.backward()
+    model.load_state_dict(stats, strict=False)
+    model.eval()
+
+
+def prune_model(model: nn.Module, ctx: StageContext, cfg: PruneConfig, arch: str) -> list:
+    """Prune `model` in place in `cfg.steps` steps; return Torch-Pruning's pruning history."""
+    example = torch.zeros(1, *ctx.data.input_shape, device=ctx.device)
+    model.to(ctx.device).eval()
+    pruner = make_pruner(model, example, cfg, arch)
+    for step in range(cfg.steps):
+        if cfg.importance == "taylor":
+            _taylor_gradients(model, ctx)
+        pruner.step()
+        log.info("prune step %d/%d: %d params", step + 1, cfg.steps, count_params(model))
+    model.zero_grad(set_to_none=True)
+    return pruner.pruning_history()
+
+
+def _torch_latency(model: nn.Module, ctx: StageContext) -> dict[str, float | int]:
+    """The shared harness on torch eager, with the training thread count restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return latency_metrics(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads), ctx.data.input_shape,
+                               batch_size=ctx.cfg.data.batch_size, bench=ctx.cfg.bench)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
+    """Fine-tune the pruned student with the task loss + the distill stage's method (MGD)."""
+    cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
+    if cfg.heal_epochs == 0:
+        return []
+    head = s_tap = t_tap = None
+    loss_fn = None
+    if dcfg.method != "none":
+        teacher = load_frozen_teacher(ctx)
+        model.to(ctx.device)
+        if dcfg.method in ("mgd", "mgd+kd"):
+            m = dcfg.mgd
+            # Probed again on the pruned student: the align convs are sized to its new widths.
+            head = MGDHead(model, teacher, m.student_layers, m.teacher_layers, ctx.data.input_shape,
+                           alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
+            s_tap = FeatureTap(model, m.student_layers, role="student")
+            t_tap = FeatureTap(teacher, m.teacher_layers, role="teacher")
+        loss_fn = distill_loss(dcfg, teacher, head, s_tap, t_tap)
+    train, val = loaders(ctx)
+    try:
+        history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
+                      checkpoint=ctx.out_dir / "heal.checkpoint.pt", key=f"{ctx.key}:heal",
+                      desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,
+                      loss_fn=loss_fn, extra=head)
+    finally:
+        for tap in (s_tap, t_tap):
+            if tap is not None:
+                tap.remove()
+    return history.epochs
+
+
+def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, list]:
+    """Prune a copy of the student, or reload the pruned-but-unhealed model saved by an
+    interrupted run of this same stage (same key), so healing resumes on identical channels."""
+    cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
+    saved = ctx.out_dir / "pruned_unhealed.pt"
+    if saved.is_file():
+        obj = torch.load(saved, map_location="cpu", weights_only=True)
+        if is_pruned_payload(obj) and obj.get("key") == ctx.key:
+            log.info("prune: resuming from %s", saved.name)
+            return rebuild_pruned(obj), obj["history"]
+    torch.manual_seed(ctx.cfg.pipeline.seed)
+    model = build_model(dcfg.student, ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
+                        small_input=dcfg.small_input)
+    model.load_state_dict(student.state_dict())
+    history = prune_model(model, ctx, cfg, dcfg.student)
+    payload = pruned_payload(model.cpu(), history, arch=dcfg.student, num_classes=ctx.data.num_classes,
+                             image_size=ctx.cfg.data.image_size, small_input=dcfg.small_input)
+    save_torch({**payload, "key": ctx.key}, saved)
+    return model, payload["history"]
+
+
+@register("prune", order=30, inputs=("student", "teacher"), outputs=("pruned",),
+          config_keys=("prune", "distill", "data"), enabled=lambda cfg: cfg.prune.enabled)
+def run(ctx: StageContext) -> StageResult:
+    """Prune the distilled student, heal it with MGD, save it as plain data, record before/after."""
+    cfg = ctx.cfg.prune
+    shape = ctx.data.input_shape
+    val = ctx.data.loader("val", ctx.cfg.data.batch_size)
+    student = load_student_file(ctx.inputs["student"], ctx).to(ctx.device)
+    before = {
+        "params_before": count_params(student),
+        "macs_before": count_macs(student, shape),
+        "size_bytes_before": Path(ctx.inputs["student"]).stat().st_size,
+        "accuracy_before": evaluate_module(student, val, ctx.device),
+    }
+    model, prune_history = _pruned_unhealed(ctx, student)
+    model.to(ctx.device)
+    before["accuracy_before_heal"] = evaluate_module(model, val, ctx.device)
+    history = _heal(ctx, model)
+    model.eval()
+    path = ctx.out_dir / "pruned.pt"
+    payload = pruned_payload(model.cpu(), prune_history, arch=ctx.cfg.distill.student,
+                             num_classes=ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
+                             small_input=ctx.cfg.distill.small_input)
+    save_torch(payload, path)
+    model.to(ctx.device)
+
+    # Latency before and after, measured back to back with the same harness, so the ratio is
+    # not skewed by the machine's load drifting between stages.
+    lat_before, lat_after = _torch_latency(student, ctx), _torch_latency(model, ctx)
+    metrics = {
+        **before,
+        **{f"{k}_before": v for k, v in lat_before.items() if k.endswith("_ms") or k == "throughput_ips"},
+        "macs_ratio": count_macs(model, shape) / max(1, before["macs_before"]),
+        "params_ratio": count_params(model) / max(1, before["params_before"]),
+        "latency_speedup": lat_before["latency_p50_ms"] / lat_after["latency_p50_ms"],
+        "batch_latency_speedup": lat_before["batch_latency_p50_ms"] / lat_after["batch_latency_p50_ms"],
+        "ratio": cfg.ratio, "importance": cfg.importance, "steps": cfg.steps, "round_to": cfg.round_to,
+        "heal_epochs": cfg.heal_epochs, "heal_method": ctx.cfg.distill.method if cfg.heal_epochs else "none",
+    }
+    result = StageResult(
+        outputs={"pruned": path},
+        measure={"pruned": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads), model=model, path=path)},
+        metrics={"pruned": metrics},
+        history={"pruned": history} if history else {},
+    )
+    if metrics["latency_speedup"] < 1.05:
+        result.warnings.append(
+            f"pruning cut MACs to {metrics['macs_ratio']:.0%} but torch-eager latency at batch 1 only changed "
+            f"{metrics['latency_speedup']:.2f}x (small inputs are dominated by per-op overhead); "
+            "judge it on the deployment runtime (onnx/openvino stages)"
+        )
+    return result
+

@@ -1,0 +1,181 @@
+"""Prune stage: Torch-Pruning channel pruning, MGD healing, pickle-free artifact, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError, PruneConfig, from_dict
+from pipeline.evaluate import count_params
+from pipeline.models import build_model
+from pipeline.stage import StageContext
+from stages._student import pruned_payload, rebuild_pruned
+from stages.prune import check_whole_layers, ignored_modules, make_pruner, prune_model
+
+PRUNE_ONLY = """
+[distill]
+baseline = false
+[prune]
+enabled = true
+ratio = 0.5
+heal_epochs = 1
+[onnx]
+enabled = false
+[openvino]
+enabled = false
+[tensorrt]
+enabled = false
+"""
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """One tiny teacher → distill → prune run shared by the end-to-end checks."""
+    from tests.conftest import TINY_TOML, merge_toml, run_cli
+
+    d = tmp_path_factory.mktemp("prune")
+    cfg = d / "pipeline.toml"
+    cfg.write_text(merge_toml(TINY_TOML + PRUNE_ONLY))
+    proc = run_cli("run", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg, d / "run", json.loads((d / "run" / "manifest.json").read_text())
+
+
+def _ctx(tmp_path: Path, **prune) -> StageContext:
+    cfg = from_dict({"data": {"image_size": 8, "batch_size": 16, "train_fraction": 0.25, "calibration_size": 32},
+                     "prune": {"enabled": True, **prune}, "pipeline": {"workdir": str(tmp_path)}}, tmp_path)
+    return StageContext(cfg=cfg, name="prune", workdir=tmp_path, inputs={}, device=torch.device("cpu"), key="k")
+
+
+def test_stage_records_before_and_after(pruned_run):
+    _, _, manifest = pruned_run
+    rec = manifest["stages"]["prune"]
+    assert rec["status"] == "ok"
+    m = rec["metrics"]["pruned"]
+    # Measured by the shared harness after healing...
+    for key in ("accuracy", "latency_p50_ms", "throughput_ips", "params", "macs", "size_bytes"):
+        assert key in m, key
+    # ...and before pruning / before healing by the stage itself.
+    for key in ("accuracy_before", "accuracy_before_heal", "params_before", "macs_before", "size_bytes_before",
+                "latency_p50_ms_before", "batch_latency_p50_ms_before", "latency_speedup", "macs_ratio"):
+        assert key in m, key
+    # 50% of the channels of every pruned layer: about a quarter of the MACs and params remain.
+    assert m["params"] < 0.35 * m["params_before"]
+    assert m["macs"] < 0.35 * m["macs_before"]
+    assert m["size_bytes"] < 0.35 * m["size_bytes_before"]
+    assert m["macs_ratio"] == pytest.approx(m["macs"] / m["macs_before"], rel=1e-6)
+    assert len(rec["history"]["pruned"]) == 1  # one healing epoch recorded
+
+
+def test_artifact_rebuilds_without_pickle(pruned_run):
+    _, workdir, manifest = pruned_run
+    path = workdir / manifest["stages"]["prune"]["outputs"]["pruned"]["path"]
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    model = rebuild_pruned(payload)
+    assert count_params(model) == manifest["stages"]["prune"]["metrics"]["pruned"]["params"]
+    # Channel counts are multiples of round_to (8) everywhere except the untouched head.
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)
+
+
+def test_round_trip_gives_identical_outputs():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, image_size=16, small_input="auto").eval()
+    pruner = make_pruner(model, torch.zeros(1, 3, 16, 16), PruneConfig(ratio=0.4, steps=2), "resnet18")
+    pruner.step()
+    pruner.step()
+    payload = pruned_payload(model, pruner.pruning_history(), arch="resnet18", num_classes=10, image_size=16,
+                             small_input="auto")
+    rebuilt = rebuild_pruned(payload).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert count_params(rebuilt) == count_params(model) < count_params(build_model("resnet18", 10, image_size=16))
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "bn_scale"])
+def test_each_importance_prunes(tmp_path, importance):
+    ctx = _ctx(tmp_path, importance=importance, ratio=0.5)
+    torch.manual_seed(0)
+    model = build_model("resnet18", ctx.data.num_classes, image_size=8, small_input="auto")
+    before = count_params(model)
+    history = prune_model(model, ctx, ctx.cfg.prune, "resnet18")
+    assert history and count_params(model) < 0.35 * before
+    assert model.fc.out_features == ctx.data.num_classes  # the head keeps its classes
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 8, 8)).shape == (2, ctx.data.num_classes)
+
+
+def test_taylor_and_magnitude_choose_different_channels(tmp_path):
+    kept = {}
+    for importance in ("magnitude", "taylor"):
+        ctx = _ctx(tmp_path, importance=importance, ratio=0.5)
+        torch.manual_seed(0)
+        model = build_model("resnet18", 10, image_size=8, small_input="auto")
+        kept[importance] = prune_model(model, ctx, ctx.cfg.prune, "resnet18")
+    assert kept["magnitude"] != kept["taylor"]
+
+
+def test_ignored_layers_keep_their_channels(tmp_path):
+    ctx = _ctx(tmp_path, ignore_layers=["layer1"], ratio=0.5)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, image_size=8, small_input="auto")
+    prune_model(model, ctx, ctx.cfg.prune, "resnet18")
+    assert model.layer1[0].conv1.out_channels == 64
+    assert model.layer2[0].conv1.out_channels == 64  # 128 halved
+
+
+def test_unknown_ignored_layer_is_named_with_suggestion():
+    model = build_model("resnet18", 10, image_size=8)
+    with pytest.raises(ConfigError, match=r"no layer 'layer5'.*did you mean"):
+        ignored_modules(model, PruneConfig(ignore_layers=["layer5"]))
+
+
+def test_ratio_that_would_remove_a_whole_layer_names_it():
+    model = build_model("resnet18", 10, image_size=8)
+    with pytest.raises(ConfigError, match=r"every one of the 64 channels of layer 'conv1'"):
+        check_whole_layers(model, ignored_modules(model, PruneConfig()), PruneConfig(ratio=0.9, round_to=8))
+
+
+class _InPlaceScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.g.mul_(1.0)  # updates its own parameter in place: fine in eval, fails when autograd records
+        return x * self.g
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.scale = _InPlaceScale()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.scale(self.conv(x)).mean((2, 3)))
+
+
+def test_untraceable_model_names_the_layer():
+    with pytest.raises(ConfigError, match=r"cannot trace toy: layer 'scale' fails"):
+        make_pruner(_Untraceable(), torch.zeros(1, 3, 8, 8), PruneConfig(), "toy")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[prune]\nenabled = true\nratio = 0.9\nround_to = 64", "would remove every one of the 64 channels"),
+    ("[prune]\nenabled = true\nignore_layers = ['layer9']", "no layer 'layer9'"),
+    ("[prune]\nenabled = true\nratio = 1.0", "prune.ratio"),
+    ("[prune]\nenabled = true\nratio = 0", "prune.ratio"),
+])
+def test_bad_prune_config_fails_before_training(tiny_config, cli, extra, message):
+    cfg = tiny_config(extra)
+    proc = cli("run", str(cfg))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (cfg.parent / "run" / "manifest.json").exists()  # nothing ran, nothing written
