@@ -3,6 +3,10 @@
 - `max_accuracy_drop`: teacher accuracy minus artifact accuracy, per artifact, at most this.
 - `min_speedup_vs_teacher`: teacher p50 / artifact p50 at batch 1, at least this (0 disables).
 - `latency_ms.<artifact>`: the artifact's p90 at batch 1, at most this many milliseconds.
+- `min_int8_speedup`: an INT8 build's p50 vs the FP32 build of the same runtime (same stage),
+  at least this. A ratio measured back to back on one machine, so it does not flap on a
+  shared CI runner the way absolute milliseconds do.
+- `max_int8_accuracy_drop`: FP32 build accuracy minus INT8 build accuracy, at most this.
 
 Artifacts a stage marks as references (the baseline student, the teacher's own builds) and the
 teacher itself are not gated: they are what the others are compared with. A budget whose
@@ -16,6 +20,9 @@ from typing import Any
 
 from pipeline.config import GatesConfig
 from pipeline.manifest import GateResult, StageRecord
+
+# INT8 build -> the FP32 build on the same runtime it is compared with (both in one stage).
+INT8_PAIRS = {"onnx_int8": "onnx", "openvino_int8": "openvino_fp32"}
 
 # Tolerance for float round-off in comparisons that users expect to be exact (drop == budget).
 _EPS = 1e-9
@@ -58,6 +65,19 @@ def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: Gate
                     ">=",
                 )
             )
+    for int8, fp32 in INT8_PAIRS.items():
+        q, f = record.metrics.get(int8), record.metrics.get(fp32)
+        if not isinstance(q, dict):
+            continue
+        f = f if isinstance(f, dict) else {}
+        if gates.min_int8_speedup > 0 and "latency_p50_ms" in q:
+            ratio = f["latency_p50_ms"] / q["latency_p50_ms"] if f.get("latency_p50_ms") and q["latency_p50_ms"] else None
+            results.append(_verdict("min_int8_speedup", int8, f"speedup vs {fp32} (p50, batch 1)", ratio,
+                                    gates.min_int8_speedup, ">=", missing=f"{fp32} not measured"))
+        if gates.max_int8_accuracy_drop is not None and "accuracy" in q:
+            drop = float(f["accuracy"]) - float(q["accuracy"]) if "accuracy" in f else None
+            results.append(_verdict("max_int8_accuracy_drop", int8, f"accuracy drop vs {fp32}", drop,
+                                    gates.max_int8_accuracy_drop, "<=", missing=f"{fp32} not measured"))
     # Latency budgets are keyed by artifact name and apply to references too: a user who
     # budgets an artifact by name wants it checked whatever role it plays.
     for artifact, budget in gates.latency_ms.items():
@@ -69,11 +89,12 @@ def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: Gate
     return results
 
 
-def _verdict(gate: str, artifact: str, metric: str, value: float | None, budget: float, op: str) -> GateResult:
+def _verdict(gate: str, artifact: str, metric: str, value: float | None, budget: float, op: str,
+             missing: str = "teacher metrics missing") -> GateResult:
     if value is None:
         return GateResult(
             gate=gate, artifact=artifact, metric=metric, value=None, budget=budget, passed=None,
-            message=f"{gate} on {artifact}: not measured (teacher metrics missing)",
+            message=f"{gate} on {artifact}: not measured ({missing})",
         )
     passed = value <= budget + _EPS if op == "<=" else value >= budget - _EPS
     word = "passed" if passed else "FAILED"

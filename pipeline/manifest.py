@@ -57,7 +57,7 @@ class Artifact(BaseModel):
 
 class GateResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    gate: str = Field(description="max_accuracy_drop | min_speedup_vs_teacher | latency_ms")
+    gate: str = Field(description="max_accuracy_drop | min_speedup_vs_teacher | latency_ms | min_int8_speedup | max_int8_accuracy_drop")
     artifact: str
     metric: str
     value: float | None = Field(description="Measured value; None when it could not be measured.")
@@ -95,6 +95,9 @@ class ManifestModel(BaseModel):
     pipeline: dict[str, Any] = {}
     metric_units: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(METRIC_UNITS))
     stages: dict[str, StageRecord] = {}
+    ship: dict[str, dict[str, Any]] = Field(
+        {}, description="Per target: the build to ship (fastest passing the accuracy gates), why, and the candidates."
+    )
 
 
 def artifact_files(path: Path) -> list[Path]:

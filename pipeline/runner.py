@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import dist
 from pipeline import gates as gates_mod
+from pipeline import ship as ship_mod
 from pipeline.config import Config, ConfigError
 from pipeline.manifest import Artifact, Manifest, StageRecord, artifact_record, verify_artifact
 from pipeline.stage import Stage, StageContext, StageUnavailable, load_stages
@@ -274,6 +275,8 @@ class Runner:
             manifest.stages[stage.name] = record
             _save(manifest)
 
+        manifest.model.ship = ship_mod.choose(manifest.model)
+        _save(manifest)
         if outcome.code == EXIT_OK:
             failed = [g for rec in manifest.stages.values() for g in rec.gates if g.passed is False]
             if failed:

@@ -59,3 +59,27 @@ def test_speedup_and_unmeasured():
     assert speedup(TEACHER, {"latency_p50_ms": 2.5}) == pytest.approx(4.0)
     assert speedup(None, {"latency_p50_ms": 2.5}) is None
     assert unmeasured_budgets(GatesConfig(latency_ms={"trt_engine": 1.0, "teacher": 9.0}), {"teacher"}) == ["trt_engine"]
+
+
+@pytest.mark.parametrize("int8_p50, passed", [(1.0, True), (2.0, True), (2.5, False)])
+def test_min_int8_speedup_compares_with_fp32_on_the_same_runtime(int8_p50, passed):
+    rec = _record(openvino_fp32={"accuracy": 0.9, "latency_p50_ms": 3.0},
+                  openvino_int8={"accuracy": 0.9, "latency_p50_ms": int8_p50})
+    [g] = check_stage(rec, TEACHER, GatesConfig(min_int8_speedup=1.5))
+    assert g.gate == "min_int8_speedup" and g.artifact == "openvino_int8"
+    assert g.passed is passed and g.value == pytest.approx(3.0 / int8_p50)
+
+
+@pytest.mark.parametrize("int8_acc, passed", [(0.90, True), (0.89, True), (0.88, False)])
+def test_max_int8_accuracy_drop(int8_acc, passed):
+    rec = _record(onnx={"accuracy": 0.90, "latency_p50_ms": 3.0}, onnx_int8={"accuracy": int8_acc, "latency_p50_ms": 1.0})
+    [g] = check_stage(rec, TEACHER, GatesConfig(max_int8_accuracy_drop=0.01))
+    assert g.artifact == "onnx_int8" and g.passed is passed
+    assert g.value == pytest.approx(0.90 - int8_acc)
+
+
+def test_int8_gate_without_fp32_is_unmeasured():
+    rec = _record(openvino_int8={"accuracy": 0.9, "latency_p50_ms": 1.0})
+    gates = check_stage(rec, TEACHER, GatesConfig(min_int8_speedup=1.5, max_int8_accuracy_drop=0.01))
+    assert [g.passed for g in gates] == [None, None]
+    assert all("openvino_fp32 not measured" in g.message for g in gates)

@@ -1,0 +1,109 @@
+"""Pick the build to ship per target: the fastest one that passes the accuracy gates.
+
+For each deployment target (torch eager, ONNX Runtime, OpenVINO, TensorRT) the candidates are
+the builds of the final student measured on that runtime. A candidate qualifies when none of
+its accuracy gates (`max_accuracy_drop` vs the teacher, `max_int8_accuracy_drop` vs the FP32
+build) failed; among those, the lowest p50 latency at batch 1 wins. When an INT8 build is not
+faster than FP32 on a target, or fails an accuracy gate, the FP32 build ships and the reason
+says so: a slower INT8 build is never shipped silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.manifest import ManifestModel
+
+# target -> (artifact, precision) candidates in preference order for ties.
+TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "torch": (("pruned", "fp32"), ("student", "fp32")),
+    "onnxruntime": (("onnx", "fp32"), ("onnx_int8", "int8")),
+    "openvino": (("openvino_fp32", "fp32"), ("openvino_int8", "int8")),
+    "tensorrt": (("trt_engine", "int8"),),
+}
+_ACCURACY_GATES = ("max_accuracy_drop", "max_int8_accuracy_drop")
+
+
+def _index(model: ManifestModel) -> tuple[dict[str, dict], dict[str, list], dict[str, str], dict[str, str]]:
+    metrics: dict[str, dict] = {}
+    gates: dict[str, list] = {}
+    unavailable: dict[str, str] = {}
+    commands: dict[str, str] = {}
+    for name, rec in model.stages.items():
+        if rec.status not in ("ok", "gate_failed"):
+            continue
+        for art, m in rec.metrics.items():
+            if isinstance(m, dict) and art not in rec.reference:
+                metrics[art] = m
+        for g in rec.gates:
+            gates.setdefault(g.artifact, []).append(g)
+        unavailable.update(rec.unavailable)
+        commands.update(rec.commands)
+    return metrics, gates, unavailable, commands
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.3g} ms"
+
+
+def choose(model: ManifestModel) -> dict[str, dict[str, Any]]:
+    """The ship decision for every target that has a measured or pending build.
+
+    Returns ``{target: {"artifact": name | None, "reason": str, "candidates": [...]}}`` where
+    each candidate is ``{"artifact", "runtime", "precision", "accuracy", "latency_p50_ms",
+    "passes", "why"}``.
+    """
+    metrics, gates, unavailable, commands = _index(model)
+    decisions: dict[str, dict[str, Any]] = {}
+    for target, options in TARGETS.items():
+        candidates = []
+        for art, precision in options:
+            if art not in metrics:
+                continue
+            m = metrics[art]
+            failed = [g for g in gates.get(art, []) if g.gate in _ACCURACY_GATES and g.passed is False]
+            has_latency = m.get("latency_p50_ms") is not None
+            why = "; ".join(g.message for g in failed) if failed else ("" if has_latency else "latency not measured")
+            candidates.append({
+                "artifact": art, "runtime": target, "precision": precision, "accuracy": m.get("accuracy"),
+                "latency_p50_ms": m.get("latency_p50_ms"), "passes": not failed and has_latency, "why": why,
+            })
+        pending = [a for a, _ in options if a in unavailable]
+        if not candidates and not pending:
+            continue
+        if target == "torch":
+            # Eager torch ships the final student only: the pruned one when pruning ran.
+            candidates = candidates[:1]
+        decisions[target] = _decide(target, candidates, pending, unavailable, commands)
+    return decisions
+
+
+def _decide(target: str, candidates: list[dict], pending: list[str], unavailable: dict[str, str],
+            commands: dict[str, str]) -> dict[str, Any]:
+    ok = [c for c in candidates if c["passes"]]
+    if not ok:
+        if pending:
+            art = pending[0]
+            reason = f"{art} could not be built here: {unavailable[art]}"
+            if art in commands:
+                reason += f"; build it on the target with: {commands[art]}"
+        elif candidates:
+            reason = "no build passes the accuracy gates: " + "; ".join(f"{c['artifact']}: {c['why']}" for c in candidates)
+        else:
+            reason = "nothing measured"
+        return {"artifact": None, "reason": reason, "candidates": candidates}
+    best = min(ok, key=lambda c: c["latency_p50_ms"])
+    fp32 = next((c for c in candidates if c["precision"] == "fp32"), None)
+    int8 = next((c for c in candidates if c["precision"] == "int8"), None)
+    if best["precision"] == "int8" and fp32 is not None and fp32["passes"]:
+        reason = (f"INT8 is {fp32['latency_p50_ms'] / best['latency_p50_ms']:.2f}x faster than FP32 at p50 "
+                  f"({_fmt_ms(best['latency_p50_ms'])} vs {_fmt_ms(fp32['latency_p50_ms'])}) and passes the accuracy gates")
+    elif best["precision"] == "fp32" and int8 is not None:
+        if not int8["passes"]:
+            reason = f"shipping FP32: the INT8 build does not qualify ({int8['why']})"
+        else:
+            reason = (f"shipping FP32: INT8 is not faster on {target} "
+                      f"({_fmt_ms(int8['latency_p50_ms'])} vs {_fmt_ms(best['latency_p50_ms'])} at p50)")
+    else:
+        reason = f"the only qualifying build on {target} ({_fmt_ms(best['latency_p50_ms'])} at p50)"
+    return {"artifact": best["artifact"], "reason": reason, "candidates": candidates}
