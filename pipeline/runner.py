@@ -42,12 +42,22 @@ VERSIONED_PACKAGES = (
 
 @dataclass
 class RunOptions:
-    """Which stages to consider: `--from`, `--until`, `--only`, `--force`."""
+    """Which stages to consider: `--from`, `--until`, `--only`, `--force`, `--target`."""
 
     from_stage: str | None = None
     until_stage: str | None = None
     only: set[str] = field(default_factory=set)
     force: set[str] = field(default_factory=set)
+    target: str | None = None  # a key of TARGET_SKIPS: run only the stages that target needs
+
+
+# Deployment target -> the stages it does not need (they are left out of the run, not recorded).
+TARGET_SKIPS: dict[str, frozenset[str]] = {
+    "torch": frozenset({"onnx", "openvino", "tensorrt"}),
+    "onnxruntime": frozenset({"openvino", "tensorrt"}),
+    "openvino": frozenset({"tensorrt"}),
+    "tensorrt": frozenset({"openvino"}),
+}
 
 
 @dataclass
@@ -111,13 +121,16 @@ def select(stages: list[Stage], opts: RunOptions) -> list[str]:
         for v in values:
             if v not in names:
                 raise ConfigError(f"{flag} {v!r}: no such stage; stages are {', '.join(names)}")
+    if opts.target is not None and opts.target not in TARGET_SKIPS:
+        raise ConfigError(f"--target {opts.target!r}: no such target; targets are {', '.join(TARGET_SKIPS)}")
+    skip = TARGET_SKIPS.get(opts.target or "", frozenset())
     if opts.only:
-        return [n for n in names if n in opts.only]
+        return [n for n in names if n in opts.only and n not in skip]
     lo = names.index(opts.from_stage) if opts.from_stage else 0
     hi = names.index(opts.until_stage) if opts.until_stage else len(names) - 1
     if lo > hi:
         raise ConfigError(f"--from {opts.from_stage} comes after --until {opts.until_stage}")
-    return names[lo : hi + 1]
+    return [n for n in names[lo : hi + 1] if n not in skip]
 
 
 def preflight(cfg: Config) -> None:

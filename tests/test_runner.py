@@ -246,3 +246,30 @@ def test_bench_threads_do_not_leak_into_later_stages(tmp_path, fake_stages):
     assert out.code == 0 and out.manifest.stages["teacher"].metrics["teacher"]["threads"] == 1
     assert out.manifest.stages["teacher"].metrics["teacher"]["params"] == 3 * 8 * 8 * 10 + 10
     assert torch.get_num_threads() == 2
+
+
+def test_select_by_target_leaves_out_the_other_targets_stages():
+    names = ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt"]
+    stages = [stage.Stage(n, i, lambda c: None, (), (), (), lambda c: True) for i, n in enumerate(names)]
+    assert runner.select(stages, runner.RunOptions(target="openvino")) == names[:5]
+    assert runner.select(stages, runner.RunOptions(target="onnxruntime")) == names[:4]
+    assert runner.select(stages, runner.RunOptions(target="tensorrt")) == [*names[:4], "tensorrt"]
+    assert runner.select(stages, runner.RunOptions(target="tensorrt", from_stage="openvino")) == ["tensorrt"]
+    with pytest.raises(ConfigError, match="--target 'jetson'"):
+        runner.select(stages, runner.RunOptions(target="jetson"))
+
+
+def test_optional_input_is_used_when_present_and_skipped_when_absent(tmp_path, fake_stages):
+    seen = {}
+
+    def run(ctx):
+        seen.update(ctx.inputs)
+        out = ctx.out_dir / "x.bin"
+        out.write_bytes(b"x")
+        return stage.StageResult(outputs={"onnx": out})
+
+    # Registered in the fixture's throw-away registry.
+    stage.register("onnx", order=40, inputs=("pruned|student", "teacher_onnx?"), outputs=("onnx",))(run)
+    out = _run(_cfg(tmp_path))
+    assert out.code == 0, out.messages
+    assert set(seen) == {"pruned"}  # pruned preferred over student; teacher_onnx absent, not an error
