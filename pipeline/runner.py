@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input, 3 a gate failed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from pipeline import dist
 from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
 from pipeline.config import Config, ConfigError
+from pipeline.lock import WorkdirLock
 from pipeline.manifest import Artifact, Manifest, StageRecord, artifact_record, verify_artifact
 from pipeline.stage import Stage, StageContext, StageUnavailable, load_stages
 
@@ -233,9 +235,15 @@ class Runner:
 
     def run(self) -> RunOutcome:
         """Run the selected stages; never raises for a stage failure (see the exit code)."""
-        cfg = self.cfg
         dist.init()  # under torchrun: join the process group; rank 0 alone writes files
-        preflight(cfg)
+        preflight(self.cfg)
+        # One writer per workdir; under torchrun rank 0 is the writer and holds the lock.
+        lock = WorkdirLock(self.cfg.workdir) if dist.is_main() else contextlib.nullcontext()
+        with lock:
+            return self._run()
+
+    def _run(self) -> RunOutcome:
+        cfg = self.cfg
         manifest = Manifest.load(cfg.workdir)
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
