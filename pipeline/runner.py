@@ -373,6 +373,10 @@ class Runner:
             undeclared = set(result.outputs) - set(stage.outputs)
             if undeclared:  # a programming error in the stage: one name per concept, declared up front
                 raise RuntimeError(f"stage produced undeclared artifacts {sorted(undeclared)}")
+            root = self.cfg.workdir.resolve()
+            outside = [n for n, p in result.outputs.items() if not Path(p).resolve().is_relative_to(root)]
+            if outside:  # artifacts live in the workdir: a path must never write (or point) elsewhere
+                raise RuntimeError(f"artifacts {sorted(outside)} are outside the workdir {root}")
             dist.barrier()  # rank 0 has written the outputs that every rank now hashes
             data_holder["data"] = ctx.data
             metrics = {k: dict(v) for k, v in result.metrics.items()}

@@ -273,3 +273,15 @@ def test_optional_input_is_used_when_present_and_skipped_when_absent(tmp_path, f
     out = _run(_cfg(tmp_path))
     assert out.code == 0, out.messages
     assert set(seen) == {"pruned"}  # pruned preferred over student; teacher_onnx absent, not an error
+
+
+def test_an_artifact_outside_the_workdir_fails_the_stage(tmp_path, fake_stages):
+    def run(ctx):
+        out = tmp_path / "elsewhere.bin"  # e.g. a path built from user input with '..'
+        out.write_bytes(b"x")
+        return stage.StageResult(outputs={"onnx": ctx.out_dir / ".." / ".." / "elsewhere.bin"})
+
+    stage.register("onnx", order=40, inputs=(), outputs=("onnx",))(run)
+    out = _run(_cfg(tmp_path))
+    assert out.code == runner.EXIT_STAGE_FAILED
+    assert "outside the workdir" in out.manifest.stages["onnx"].reason
