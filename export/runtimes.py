@@ -6,8 +6,8 @@ the accuracy code in `pipeline.evaluate` treat every backend identically.
 
 Implemented: :class:`TorchRuntime` (eager), :class:`OrtRuntime` (ONNX Runtime: CPU, and
 the CUDA / TensorRT execution providers where onnxruntime-gpu is installed),
-:class:`OpenVINORuntime`, and :class:`TensorRTRuntime` (a serialized engine; lives in
-`export/tensorrt.py`, needs CUDA). Each also exposes `input_names` / `output_names`.
+:class:`OpenVINORuntime`, and :class:`TensorRTRuntime` (a serialized engine; needs the
+tensorrt package and CUDA). Each also exposes `input_names` / `output_names`.
 Backends are imported lazily inside the constructors, so importing this module never requires
 them.
 """
@@ -189,3 +189,95 @@ class OpenVINORuntime:
 
     def __repr__(self) -> str:
         return f"OpenVINORuntime({self.path.name!r}, device={self.ov_device!r}, precision={self.precision}, threads={self.threads})"
+
+
+def _trt_torch_dtypes(trt) -> dict:
+    """TensorRT data types → torch dtypes, for the types this TensorRT version has."""
+    pairs = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+    return {getattr(trt.DataType, k): v for k, v in pairs.items() if hasattr(trt.DataType, k)}
+
+
+class TensorRTRuntime:
+    """A serialized TensorRT engine on one CUDA device.
+
+    Device memory is torch's (no pycuda): `prepare` copies the batch to a CUDA tensor, `infer`
+    binds tensor addresses, enqueues `execute_async_v3` on a torch CUDA stream and waits for it,
+    so the harness times the whole inference. Output buffers are allocated once per input shape
+    and reused: the tensor `infer` returns is overwritten by the next call with that shape.
+    `predict` splits batches larger than the engine's optimization profile allows.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cuda") -> None:
+        import tensorrt as trt
+
+        self.path = Path(path)
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"TensorRT runs on a CUDA device, not {dev}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("TensorRT needs a CUDA device and none is visible")
+        self._device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        self.device = str(self._device)
+        self.threads = 1  # one CUDA stream; host threads play no part in GPU latency
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(self._device):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT {trt.__version__} could not load {self.path.name}: engines are specific "
+                                   "to the TensorRT version and GPU they were built with; rebuild it here")
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self._device)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        if len(self.input_names) != 1 or not self.output_names:
+            raise RuntimeError(f"{self.path.name}: expected one input and at least one output, "
+                               f"got inputs {self.input_names} and outputs {self.output_names}")
+        dtypes = _trt_torch_dtypes(trt)
+        self._dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        first = self.input_names[0]
+        batch = self.engine.get_tensor_shape(first)[0]
+        # A dynamic batch is bounded by profile 0's max shape (what the context uses by default).
+        self.max_batch = int(batch if batch > 0 else self.engine.get_tensor_profile_shape(first, 0)[2][0])
+        self._outputs: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+
+    def prepare(self, batch: np.ndarray) -> torch.Tensor:
+        """Float32 NCHW numpy → contiguous CUDA tensor of the engine's input dtype (copy finished)."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device, dtype=self._dtypes[self.input_names[0]])
+        torch.cuda.synchronize(self._device)  # the copy must not land inside the timed infer
+        return x.contiguous()
+
+    def infer(self, prepared: torch.Tensor) -> torch.Tensor:
+        """One inference; blocks until the engine has finished. Returns the first output (reused buffer)."""
+        name = self.input_names[0]
+        shape = tuple(prepared.shape)
+        if not self.context.set_input_shape(name, shape):
+            raise ValueError(f"{self.path.name}: input shape {shape} is outside the engine's profile "
+                             f"(batch 1..{self.max_batch})")
+        self.context.set_tensor_address(name, prepared.data_ptr())
+        outputs = self._outputs.get(shape)
+        if outputs is None:
+            outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self._dtypes[n], device=self._device)
+                       for n in self.output_names}
+            self._outputs[shape] = outputs
+        for n, t in outputs.items():
+            self.context.set_tensor_address(n, t.data_ptr())
+        # Work queued on torch's current stream (the input copy) must finish before TensorRT reads it.
+        self.stream.wait_stream(torch.cuda.current_stream(self._device))
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {self.path.name}")
+        self.stream.synchronize()
+        return outputs[self.output_names[0]]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits as float32 numpy, shape (N, num_classes); batches above the profile's max are split."""
+        parts = [self.infer(self.prepare(batch[i : i + self.max_batch])).float().cpu().numpy()
+                 for i in range(0, len(batch), self.max_batch)]
+        return np.concatenate(parts, axis=0) if parts else np.empty((0,), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"TensorRTRuntime({self.path.name!r}, device={self.device!r}, max_batch={self.max_batch})"

@@ -220,6 +220,8 @@ class GatesConfig(_Section):
         for name, budget in v.items():
             if name not in ARTIFACT_NAMES:
                 raise ValueError(f"unknown artifact {name!r}; allowed: {', '.join(ARTIFACT_NAMES)}")
+            if name == "trt_qdq":
+                raise ValueError("trt_qdq is timed on ONNX Runtime CPU, not TensorRT: budget trt_engine instead")
             if not budget > 0:
                 raise ValueError(f"budget for {name!r} must be > 0 ms, got {budget}")
         return v

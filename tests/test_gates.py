@@ -83,3 +83,11 @@ def test_int8_gate_without_fp32_is_unmeasured():
     gates = check_stage(rec, TEACHER, GatesConfig(min_int8_speedup=1.5, max_int8_accuracy_drop=0.01))
     assert [g.passed for g in gates] == [None, None]
     assert all("openvino_fp32 not measured" in g.message for g in gates)
+
+
+def test_tensorrt_qdq_on_cpu_is_accuracy_gated_but_not_latency_gated():
+    rec = _record(trt_qdq={"accuracy": 0.5, "latency_p50_ms": 100.0, "latency_p90_ms": 100.0})
+    gates = check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.02, min_speedup_vs_teacher=2.0))
+    assert [g.gate for g in gates] == ["max_accuracy_drop"] and gates[0].passed is False
+    with pytest.raises(ValueError, match="budget trt_engine instead"):
+        GatesConfig(latency_ms={"trt_qdq": 1.0})

@@ -1,0 +1,460 @@
+"""TensorRT stage: an explicit-quantization INT8 ONNX, its calibration cache, and an engine on CUDA.
+
+TensorRT takes INT8 in two forms, and this stage writes both from one calibration:
+
+- `trt_qdq`: explicit quantization. ONNX Runtime's static post-training quantization inserts
+  QuantizeLinear/DequantizeLinear pairs calibrated on the *calibration* split (training images,
+  never evaluation ones) with `[tensorrt] calibration` (minmax | entropy | percentile).
+  TensorRT accepts only symmetric signed INT8 Q/DQ, so activations and weights are QInt8 with
+  every zero point 0 (scale = amax / 127), weights per output channel when `per_channel`, and
+  biases stay FP32. Following TensorRT's Q/DQ placement advice the outputs of weighted layers
+  (Conv, Gemm, MatMul) are not quantized, which also keeps the logits in FP32. Accuracy is
+  measured on ONNX Runtime CPU (same numerics as TensorRT's INT8, not its speed).
+- `trt_calib_cache`: the same activation scales as a TensorRT calibration cache (text:
+  `TRT-<version>-EntropyCalibration2`, then `tensor: <big-endian hex of the float32 scale>`),
+  for implicit quantization of the FP32 ONNX (`trtexec --int8 --calib=`). ONNX Runtime's own
+  `write_calibration_table` writes `name amax` lines without the header or hex encoding, which
+  TensorRT does not read, so the cache is written here from the Q/DQ scales.
+- `trt_engine`: a serialized engine built from `trt_qdq` with the TensorRT Python API (ONNX
+  parser, strongly typed network, one optimization profile from batch 1 to the configured
+  batch), only where the `tensorrt` package and a CUDA device are present. Engines are specific
+  to the GPU and TensorRT version, so the stage always records the `trtexec` command that builds
+  the same engine on the target (a Jetson builds on the Jetson), and `build_engine_from_run`
+  builds it from a finished run directory.
+
+Inputs: `onnx`. Outputs: `trt_qdq` (`tensorrt/student_qdq.onnx`), `trt_calib_cache`
+(`tensorrt/calibration.cache`), `trt_engine` (`tensorrt/student.engine`, CUDA machines only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import struct
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from export.runtimes import OrtRuntime, TensorRTRuntime
+from pipeline.config import ConfigError, DataConfig, TensorRTConfig
+from pipeline.manifest import Manifest, atomic_write_bytes, verify_artifact
+from pipeline.stage import Measure, StageContext, StageResult, register
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+Config = TensorRTConfig
+
+QDQ_FILE = "student_qdq.onnx"
+CACHE_FILE = "calibration.cache"
+ENGINE_FILE = "student.engine"
+IMPLICIT_ENGINE_FILE = "student_implicit.engine"
+# Written into the cache header when the tensorrt package is not installed here: TensorRT
+# ignores a cache whose header names another version, so a user on a different release edits
+# line 1 (JetPack 6 ships TensorRT 10.3).
+DEFAULT_TRT_VERSION = "10.3.0"
+# trtexec's --calib reader is an entropy-calibrator-2 cache reader whatever method produced the
+# scales; the header must name that algorithm or TensorRT discards the table.
+CACHE_ALGORITHM = "EntropyCalibration2"
+# TensorRT's Q/DQ placement advice: do not quantize the outputs of weighted layers.
+_WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+LATENCY_NOTE = (
+    "measured on ONNX Runtime CPU: signed-INT8 Q/DQ latency there is not representative of TensorRT "
+    "(the accuracy is: same INT8 numerics); build trt_engine on the target for TensorRT latency"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization (ONNX Runtime)
+# --------------------------------------------------------------------------------------------
+
+
+def _graph_input(path: Path) -> tuple[str, list[int | None]]:
+    """Name and dims (None where symbolic) of the model's one real input."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ConfigError(f"{path.name}: the TensorRT stage expects one image input, the model has "
+                          f"{', '.join(i.name for i in inputs) or 'none'}")
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims
+
+
+def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tuple[int, ...]:
+    """The per-image shape (without batch): the model's static dims, the data's where symbolic."""
+    rest = dims[1:]
+    if len(rest) == len(fallback):
+        return tuple(d if d is not None else f for d, f in zip(rest, fallback))
+    if all(d is not None for d in rest):
+        return tuple(rest)  # type: ignore[arg-type]
+    return tuple(fallback)
+
+
+def _calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None):
+    """An onnxruntime CalibrationDataReader over calibration-split batches, counting the images.
+
+    A model with a fixed batch size is fed that many images per call.
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = 0
+            self._batches = iter(batches)
+            self._pending: list[np.ndarray] = []
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            while not self._pending:
+                item = next(self._batches, None)
+                if item is None:
+                    return None
+                x = item[0].detach().cpu().numpy().astype(np.float32, copy=False)
+                step = fixed_batch or len(x)
+                # A remainder smaller than a fixed batch cannot be fed; it is dropped.
+                self._pending = [x[i : i + step] for i in range(0, len(x), step) if len(x[i : i + step]) == step]
+            x = self._pending.pop(0)
+            self.images += len(x)
+            return {input_name: np.ascontiguousarray(x)}
+
+    return _Reader()
+
+
+def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fixed_batch: int | None) -> int:
+    """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically); return the image count."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    cfg: TensorRTConfig = ctx.cfg.tensorrt
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".qdq-") as tmp:
+        # Shape inference only: graph optimisation would rename or fuse tensors, and the cache's
+        # tensor names must be those of the FP32 ONNX that `trtexec --calib` reads.
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(source), str(pre), skip_optimization=True)
+        reader = _calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch)
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": True,  # zero point 0: TensorRT rejects asymmetric INT8
+            "WeightSymmetric": True,
+            "CalibTensorRangeSymmetric": True,  # calibrate |x|, the range a symmetric scale covers
+            "QuantizeBias": False,  # TensorRT takes FP32 biases, not INT32 Q/DQ ones
+            "OpTypesToExcludeOutputQuantization": _WEIGHTED_OPS,
+            # TensorRT quantizes weights per output channel: axis 1 of a MatMul's [in, out] weight.
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        }
+        if cfg.calibration == "percentile":
+            extra["CalibPercentile"] = cfg.percentile
+        out = Path(tmp) / "qdq.onnx"
+        quantize_static(
+            str(pre), str(out), reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=cfg.per_channel, reduce_range=False,
+            calibrate_method=getattr(CalibrationMethod, _METHODS[cfg.calibration]),
+            extra_options=extra,
+        )
+        if reader.images == 0:
+            raise ConfigError("data.calibration_size: the calibration split gave no images; INT8 calibration needs some")
+        model = onnx.load(str(out))
+        _check_trt_compatible(model)
+        atomic_write_bytes(target, model.SerializeToString())
+    return reader.images
+
+
+def _initializers(model: "onnx.ModelProto") -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _check_trt_compatible(model: "onnx.ModelProto") -> None:
+    """Every Q/DQ zero point is an INT8 zero: what TensorRT's explicit quantization accepts."""
+    inits = _initializers(model)
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = inits.get(node.input[2])
+            if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+                raise RuntimeError(f"Q/DQ node {node.name or node.output[0]} has a zero point TensorRT cannot use "
+                                   f"({None if zp is None else (zp.dtype, zp.ravel()[:4].tolist())})")
+
+
+def activation_scales(model: "onnx.ModelProto") -> dict[str, float]:
+    """Per-tensor INT8 scales of the activations quantized in a Q/DQ model.
+
+    Keys are the names of the FP32 tensors fed to each QuantizeLinear (the names they carry in
+    the FP32 ONNX); values are the scales (amax / 127 for symmetric INT8).
+    """
+    inits = _initializers(model)
+    scales: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue  # weights are quantized per channel into the model itself, not the cache
+        scale = inits[node.input[1]]
+        if scale.size != 1:
+            raise RuntimeError(f"activation {node.input[0]!r} has a per-channel scale; TensorRT needs per-tensor")
+        scales.setdefault(node.input[0], float(scale.reshape(())))
+    return scales
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration cache
+# --------------------------------------------------------------------------------------------
+
+
+def _version_code(version: str) -> int:
+    """TensorRT's integer version: 10.3.0 -> 100300 (from TensorRT 10), 8.6.1 -> 8601 (before)."""
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in version.split(".")[:3]]
+    major, minor, patch = (parts + [0, 0, 0])[:3]
+    return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+
+
+def _installed_tensorrt() -> str | None:
+    """The installed tensorrt version, or None when the package does not import here."""
+    try:
+        import tensorrt as trt
+    except Exception:  # noqa: BLE001 - ImportError, or OSError when libnvinfer lacks a driver
+        return None
+    version = getattr(trt, "__version__", None)
+    return str(version) if version else None
+
+
+def calibration_cache_text(scales: dict[str, float], trt_version: str) -> str:
+    """TensorRT's calibration-cache text for per-tensor `scales` (amax / 127)."""
+    lines = [f"TRT-{_version_code(trt_version)}-{CACHE_ALGORITHM}"]
+    for name, scale in scales.items():
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
+    """Parse a TensorRT calibration cache: (header line, {tensor name: scale})."""
+    text = Path(path).read_text(encoding="ascii")
+    header, *rows = text.splitlines()
+    scales = {}
+    for row in rows:
+        if row.strip():
+            name, _, value = row.rpartition(": ")  # tensor names may contain ": "
+            scales[name] = struct.unpack(">f", bytes.fromhex(value.strip()))[0]
+    return header, scales
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------
+
+
+def _tensorrt_missing() -> str | None:
+    """Why an engine cannot be built on this machine, or None when it can."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError without an NVIDIA driver
+        return f"tensorrt not installed ({type(exc).__name__}: {exc})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _parser_error(err: Any) -> str:
+    """One line per ONNX parser error: node index, name and operator where TensorRT gives them."""
+    where = []
+    node = err.node() if callable(getattr(err, "node", None)) else -1
+    if node >= 0:
+        where.append(f"node {node}")
+    for attr in ("node_name", "node_operator"):
+        fn = getattr(err, attr, None)  # TensorRT >= 10 only
+        if callable(fn) and fn():
+            where.append(str(fn()))
+    prefix = f"[{' '.join(where)}] " if where else ""
+    return f"{prefix}{err.code()}: {err.desc()}"
+
+
+def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_shape: tuple[int, ...],
+                 workspace_mb: int) -> Path:
+    """Build a serialized TensorRT engine from a Q/DQ ONNX and write it atomically to `engine_path`.
+
+    The network is strongly typed (the Q/DQ nodes fix every precision; TensorRT < 9 without
+    strong typing gets the INT8 builder flag instead). A dynamic batch axis gets one
+    optimization profile: min batch 1, opt and max `batch_size`, image dims `input_shape`.
+    Builds on the current CUDA device. Raises :class:`ConfigError` when TensorRT or CUDA is
+    absent and RuntimeError, with every parser error, when TensorRT rejects the model.
+    """
+    missing = _tensorrt_missing()
+    if missing:
+        raise ConfigError(f"cannot build a TensorRT engine here: {missing}")
+    import tensorrt as trt
+
+    qdq_path, engine_path = Path(qdq_path), Path(engine_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = trt.NetworkDefinitionCreationFlag
+    strongly_typed = hasattr(flags, "STRONGLY_TYPED")
+    network = builder.create_network(1 << int(flags.STRONGLY_TYPED if strongly_typed else flags.EXPLICIT_BATCH))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(qdq_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {qdq_path.name}: " + "; ".join(errors or ["no details"]))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # a weakly typed network runs Q/DQ only with INT8 enabled
+    profile = None
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tuple(tensor.shape)
+        if all(d >= 0 for d in dims):
+            continue
+        batch = dims[0] if dims[0] > 0 else None
+        image = tuple(d if d > 0 else s for d, s in zip(dims[1:], input_shape))
+        profile = profile or builder.create_optimization_profile()
+        profile.set_shape(tensor.name, (batch or 1, *image), (batch or batch_size, *image), (batch or batch_size, *image))
+    if profile is not None:
+        config.add_optimization_profile(profile)
+
+    log.info("tensorrt: building %s from %s (TensorRT %s, %s, batch 1..%d, workspace %d MiB)", engine_path.name,
+             qdq_path.name, trt.__version__, "strongly typed" if strongly_typed else "INT8 flag", batch_size, workspace_mb)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build an engine from {qdq_path.name} (see the TensorRT log above)")
+    atomic_write_bytes(engine_path, bytes(memoryview(serialized)))
+    return engine_path
+
+
+def build_engine_from_run(run_dir: Path) -> Path:
+    """Build `tensorrt/student.engine` from the `trt_qdq` artifact of a finished run.
+
+    Reads `run_dir/manifest.json`, re-hashes `trt_qdq` (a changed file is never trusted), and
+    builds with the batch size and workspace the run used. For `python -m pipeline build-engine
+    RUN_DIR` on the deployment machine. Raises :class:`ConfigError` when the run has no
+    trustworthy `trt_qdq` or TensorRT/CUDA are absent. The manifest itself is not changed.
+    """
+    run_dir = Path(run_dir)
+    manifest = Manifest.load(run_dir)
+    if not manifest.path.is_file():
+        raise ConfigError(f"{run_dir}: no manifest.json; pass the run directory (the config's pipeline.workdir)")
+    found = manifest.artifact_index().get("trt_qdq")
+    if found is None:
+        raise ConfigError(f"{run_dir}: the run has no trt_qdq artifact; run the pipeline with [tensorrt] enabled = true first")
+    stage, art = found
+    bad = verify_artifact(art, run_dir)
+    if bad:
+        raise ConfigError(f"{run_dir}: trt_qdq cannot be trusted ({bad}); re-run the {stage} stage")
+    missing = _tensorrt_missing()
+    if missing:
+        raise ConfigError(f"cannot build a TensorRT engine here: {missing}; run build-engine on a machine with "
+                          f"TensorRT and a CUDA GPU, or use the trtexec command in the manifest (stages.{stage}.commands.trt_engine)")
+    record = manifest.stages[stage]
+    data = {**DataConfig().model_dump(), **record.config.get("data", {})}
+    trt_cfg = {**TensorRTConfig().model_dump(), **record.config.get("tensorrt", {})}
+    qdq = run_dir / art.path
+    _, dims = _graph_input(qdq)
+    s = int(data["image_size"])
+    return build_engine(qdq, qdq.parent / ENGINE_FILE, batch_size=int(data["batch_size"]),
+                        input_shape=_input_shape(dims, (3, s, s)), workspace_mb=int(trt_cfg["workspace_mb"]))
+
+
+def _shape_flags(input_name: str, dims: list[int | None], image: tuple[int, ...], batch_size: int) -> list[str]:
+    if all(d is not None for d in dims):
+        return []  # a static model: trtexec refuses shapes for it
+    batch = dims[0]
+    shape = "x".join(str(d) for d in image)
+    return [f"--minShapes={input_name}:{batch or 1}x{shape}", f"--optShapes={input_name}:{batch or batch_size}x{shape}",
+            f"--maxShapes={input_name}:{batch or batch_size}x{shape}"]
+
+
+def _rel(path: Path, workdir: Path) -> str:
+    return Path(os.path.relpath(path, workdir)).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+@register("tensorrt", order=60, inputs=("onnx",), outputs=("trt_qdq", "trt_calib_cache", "trt_engine"),
+          config_keys=("tensorrt", "data", "onnx"), enabled=lambda cfg: cfg.tensorrt.enabled)
+def run(ctx: StageContext) -> StageResult:
+    """Calibrate the Q/DQ ONNX and its cache; build the engine where TensorRT and CUDA are present."""
+    import torch
+
+    cfg: TensorRTConfig = ctx.cfg.tensorrt
+    source = ctx.inputs["onnx"]
+    qdq_path, cache_path, engine_path = ctx.out_dir / QDQ_FILE, ctx.out_dir / CACHE_FILE, ctx.out_dir / ENGINE_FILE
+    input_name, dims = _graph_input(source)
+    image = _input_shape(dims, ctx.data.input_shape)
+    batch = ctx.cfg.data.batch_size
+
+    images = _quantize(ctx, source, qdq_path, input_name, dims[0] if dims else None)
+    import onnx
+
+    scales = activation_scales(onnx.load(str(qdq_path)))
+    installed = _installed_tensorrt()
+    header_version = installed or DEFAULT_TRT_VERSION
+    atomic_write_bytes(cache_path, calibration_cache_text(scales, header_version).encode("ascii"))
+    log.info("tensorrt: %s calibration on %d images, %d activation scales -> %s, %s", cfg.calibration, images,
+             len(scales), qdq_path.name, cache_path.name)
+
+    result = StageResult(outputs={"trt_qdq": qdq_path, "trt_calib_cache": cache_path})
+    result.measure["trt_qdq"] = Measure(OrtRuntime(qdq_path, threads=ctx.cfg.bench.threads), path=qdq_path)
+    result.metrics["trt_qdq"] = {
+        "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ",
+        "activation_type": "QInt8 symmetric", "weight_type": "QInt8 symmetric", "per_channel": cfg.per_channel,
+        "calibration": cfg.calibration, "calibration_images": int(images), "calibration_split": "calibration",
+        **({"calibration_percentile": cfg.percentile} if cfg.calibration == "percentile" else {}),
+        "quantized_activations": len(scales), "latency_note": LATENCY_NOTE,
+    }
+    result.metrics["trt_calib_cache"] = {
+        "tensors": len(scales), "header": f"TRT-{_version_code(header_version)}-{CACHE_ALGORITHM}",
+        "tensorrt_version": header_version,
+        "note": ("TensorRT ignores a cache whose header names another version: " +
+                 ("written for the TensorRT installed here" if installed else
+                  f"tensorrt is not installed here, so the header names {DEFAULT_TRT_VERSION}; on another release "
+                  "replace line 1 with TRT-<its version code>-EntropyCalibration2 (10.7.0 -> 100700, 8.6.1 -> 8601)")),
+    }
+
+    shapes = _shape_flags(input_name, dims, image, batch)
+    pool = f"--memPoolSize=workspace:{cfg.workspace_mb}M"
+    result.commands["trt_engine"] = shlex.join(
+        ["trtexec", f"--onnx={_rel(qdq_path, ctx.workdir)}", "--stronglyTyped", *shapes, pool,
+         f"--saveEngine={_rel(engine_path, ctx.workdir)}"])
+    result.commands["trt_calib_cache"] = shlex.join(
+        ["trtexec", f"--onnx={_rel(source, ctx.workdir)}", "--int8", f"--calib={_rel(cache_path, ctx.workdir)}", *shapes,
+         pool, f"--saveEngine={_rel(ctx.out_dir / IMPLICIT_ENGINE_FILE, ctx.workdir)}"])
+
+    # An engine left by an earlier run was built from another trt_qdq: never leave it next to this one.
+    engine_path.unlink(missing_ok=True)
+    reason = "[tensorrt] build_engine = false" if not cfg.build_engine else _tensorrt_missing()
+    if reason:
+        result.unavailable["trt_engine"] = reason
+        log.info("tensorrt: trt_engine not built: %s (trtexec command recorded)", reason)
+        return result
+
+    device = ctx.device if ctx.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    try:
+        with torch.cuda.device(device):
+            build_engine(qdq_path, engine_path, batch_size=batch, input_shape=image, workspace_mb=cfg.workspace_mb)
+    except RuntimeError as exc:
+        # The Q/DQ model and the cache are still valid deliverables: keep them, say loudly why
+        # the engine is missing, and leave the trtexec command for a verbose retry.
+        result.unavailable["trt_engine"] = f"engine build failed: {exc}"
+        result.warnings.append(f"trt_engine: TensorRT could not build the engine: {exc}")
+        return result
+    import tensorrt as trt
+
+    result.outputs["trt_engine"] = engine_path
+    result.measure["trt_engine"] = Measure(TensorRTRuntime(engine_path, device=device), path=engine_path)
+    result.metrics["trt_engine"] = {"runtime": "tensorrt", "precision": "int8", "tensorrt_version": str(trt.__version__),
+                                    "device_name": torch.cuda.get_device_name(device), "workspace_mb": cfg.workspace_mb,
+                                    "max_batch": batch}
+    return result
