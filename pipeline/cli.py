@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|validate CONFIG`.
+"""Command line: `python -m pipeline run|validate CONFIG`, `python -m pipeline report|status RUN_DIR`.
 
 Exit codes: 0 success, 1 a stage failed, 2 bad input (config, data, checkpoint, workdir,
 manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no traceback.
@@ -7,13 +7,17 @@ manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no tr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from rich.markup import escape
 
 from pipeline import config as config_mod
 from pipeline.config import ConfigError
 from pipeline.ui import console, setup_logging
+
+log = logging.getLogger(__name__)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="MGD edge-compression pipeline.")
@@ -29,7 +33,32 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a config (schema, data, models, checkpoints) without running")
     val.add_argument("config", help="path to pipeline.toml")
+
+    rep = sub.add_parser("report", help="write report.html and report.md into a run directory")
+    rep.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
+    st = sub.add_parser("status", help="show a run's manifest: stages, cache keys, unavailable parts, gate failures")
+    st.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
     return p
+
+
+def _write_report(workdir: Path, manifest=None) -> None:
+    """Write the run's report; best effort: a report problem never changes a run's exit code."""
+    from pipeline import dist
+    from pipeline.manifest import MANIFEST_NAME, Manifest
+    from pipeline.report import write_report
+
+    if not dist.is_main():  # under torchrun rank 0 alone writes files
+        return
+    try:
+        if manifest is None:
+            if not (Path(workdir) / MANIFEST_NAME).is_file():
+                return
+            manifest = Manifest.load(workdir)
+        html_path, md_path = write_report(manifest)
+    except Exception as exc:  # ConfigError included: a corrupt manifest is reported by the next run
+        log.warning("report not written: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return
+    console.print(f"report: {html_path} and {md_path.name}", highlight=False, soft_wrap=True)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -39,7 +68,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     opts = RunOptions(from_stage=args.from_stage, until_stage=args.until_stage, only=set(args.only), force=set(args.force))
     runner = Runner(cfg, opts)
-    outcome = runner.run()
+    try:
+        outcome = runner.run()
+    except KeyboardInterrupt:
+        _write_report(cfg.workdir)  # what finished is in the manifest on disk; report it
+        raise
     console.print(summary_table(outcome.manifest, outcome.visited))
     for name in outcome.visited:  # warnings again, also for cached stages: they still apply
         rec = outcome.manifest.stages.get(name)
@@ -48,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     for msg in outcome.messages:
         console.print(("[red]" if outcome.code else "[yellow]") + escape(msg), highlight=False, soft_wrap=True)
     console.print(f"manifest: {outcome.manifest.path}")
+    _write_report(outcome.manifest.workdir, outcome.manifest)
     return outcome.code
 
 
@@ -60,12 +94,37 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(arg: str) -> Path:
+    """A run directory, or a config file whose `[pipeline] workdir` is one."""
+    path = Path(arg)
+    if path.is_file() and path.suffix == ".toml":
+        return config_mod.load(path).workdir
+    return path
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import load_run, write_report
+
+    manifest = load_run(_run_dir(args.run_dir))
+    html_path, md_path = write_report(manifest)
+    console.print(f"report: {html_path} and {md_path.name}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.report import load_run, status_view
+
+    console.print(status_view(load_run(_run_dir(args.run_dir))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return {"run": _run, "validate": _validate}[args.command](args)
+        commands = {"run": _run, "validate": _validate, "report": _report, "status": _status}
+        return commands[args.command](args)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -1,0 +1,480 @@
+"""The run report (`python -m pipeline report RUN_DIR`, written at the end of `run`) and the
+terminal view (`python -m pipeline status RUN_DIR`).
+
+Most tests render a hand-built manifest of a full run (every stage, reference builds, a
+TensorRT engine that could not be built here, a failed stage, a ship decision), so they check
+exact numbers without training anything; one test renders the report of a real tiny run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli, plots
+from pipeline.manifest import Manifest, ManifestModel
+from pipeline.report import (
+    build_sections, config_toml, load_run, measured_artifacts, render_html, render_markdown, same_runtime_teacher,
+    status_view, write_report,
+)
+from tests.conftest import run_cli
+
+EVIL = "<script>alert(1)</script>"
+PNG = plots.PNG_SIGNATURE
+
+
+def _m(acc, p50, *, size, params, macs, batch_ms=None, **extra):
+    """Metrics of one artifact as the runner records them (batch 32, 1 thread)."""
+    return {
+        "accuracy": acc, "latency_p50_ms": p50, "latency_p90_ms": p50 * 1.1, "latency_p99_ms": p50 * 1.3,
+        "batch_latency_p50_ms": batch_ms if batch_ms is not None else p50 * 8, "batch_size": 32, "threads": 1,
+        "throughput_ips": 32 / ((batch_ms if batch_ms is not None else p50 * 8) / 1000),
+        "params": params, "macs": macs, "size_bytes": size, **extra,
+    }
+
+
+def _hist(n, start_loss, end_acc):
+    return [{"epoch": float(e), "loss": start_loss / e, "train_acc": end_acc * e / n - 0.02, "val_acc": end_acc * e / n,
+             "lr": 0.02, "seconds": 1.5} for e in range(1, n + 1)]
+
+
+def _stage(status="ok", **kw):
+    base = {"status": status, "key": kw.pop("key", "ab" * 32), "reason": "", "config": {}, "inputs": {},
+            "outputs": {}, "metrics": {}, "reference": [], "history": {}, "warnings": [], "unavailable": {},
+            "commands": {}, "gates": [], "started": "2026-11-24T10:00:00+00:00", "ended": "2026-11-24T10:01:00+00:00",
+            "seconds": 60.0, "seed": 0, "device": "cpu", "versions": {"torch": "2.14.1"}}
+    base.update(kw)
+    return base
+
+
+def _gate(gate, artifact, metric, value, budget, passed):
+    return {"gate": gate, "artifact": artifact, "metric": metric, "value": value, "budget": budget, "passed": passed,
+            "message": f"{gate} {'passed' if passed else 'FAILED' if passed is False else 'not measured'} on {artifact}: "
+                       f"{value} (budget {budget})"}
+
+
+SHIP = {
+    "torch": {"artifact": "pruned", "reason": "the fastest torch build within the accuracy gate", "candidates": [
+        {"artifact": "student", "runtime": "torch eager", "precision": "fp32", "accuracy": 0.955, "latency_p50_ms": 4.1,
+         "passes": True, "why": "within the gate, slower"},
+        {"artifact": "pruned", "runtime": "torch eager", "precision": "fp32", "accuracy": 0.948, "latency_p50_ms": 2.2,
+         "passes": True, "why": "fastest passing"}]},
+    "onnxruntime": {"artifact": "onnx_int8", "reason": "INT8 is 1.8x faster than FP32 at p50 and within the accuracy gate",
+                    "candidates": [
+                        {"artifact": "onnx", "runtime": "onnxruntime", "precision": "fp32", "accuracy": 0.948,
+                         "latency_p50_ms": 0.9, "passes": True, "why": "slower"},
+                        {"artifact": "onnx_int8", "runtime": "onnxruntime", "precision": "int8", "accuracy": 0.945,
+                         "latency_p50_ms": 0.5, "passes": True, "why": "fastest passing"}]},
+    "openvino": {"artifact": "openvino_int8",
+                 "reason": "INT8 is 2.6x faster than FP32 at p50 and within the accuracy gate", "candidates": [
+                     {"artifact": "openvino_fp32", "runtime": "openvino", "precision": "fp32", "accuracy": 0.948,
+                      "latency_p50_ms": 0.52, "passes": True, "why": "slower"},
+                     {"artifact": "openvino_int8", "runtime": "openvino", "precision": "int8", "accuracy": 0.944,
+                      "latency_p50_ms": 0.2, "passes": True, "why": "fastest passing"}]},
+    "tensorrt": {"artifact": None, "reason": "no engine was built here: TensorRT not installed", "candidates": []},
+}
+
+
+def manifest_dict(evil: bool = False) -> dict:
+    """A realistic manifest of a full run; `evil` puts a <script> into names, reasons and config."""
+    t_hist, s_hist = _hist(4, 2.2, 0.96), _hist(3, 3.3, 0.955)
+    stages = {
+        "teacher": _stage(
+            outputs={"teacher": {"path": "teacher/teacher.pt", "sha256": "0" * 64, "bytes": 85262731}},
+            metrics={"teacher": _m(0.9625, 9.1, size=85262731, params=21289802, macs=1_160_000_000, train_seconds=50.0)},
+            history={"teacher": t_hist}, seconds=61.2,  # from an earlier run: re-used from the cache
+            started="2026-11-23T08:00:00+00:00", ended="2026-11-23T08:01:01+00:00"),
+        "distill": _stage(
+            config={"distill": {"method": "mgd", "student": "resnet18", "baseline": True}},
+            metrics={
+                "student": _m(0.955, 4.1, size=44770315, params=11173962, macs=557_000_000, speedup_vs_teacher=9.1 / 4.1),
+                "student_baseline": _m(0.9425, 4.0, size=44770315, params=11173962, macs=557_000_000),
+                "student_kd": _m(0.9375, 4.05, size=44770315, params=11173962, macs=557_000_000),
+            },
+            reference=["student_baseline"],
+            history={"student": s_hist, "student_baseline": _hist(3, 3.0, 0.9425), "student_kd": _hist(3, 3.1, 0.9375)},
+            warnings=["the teacher (96.25%) beats the baseline by only 2.00 pt"], seconds=181.5),
+        "prune": _stage(
+            metrics={"pruned": _m(0.948, 2.2, size=11249611, params=2797610, macs=140_000_000,
+                                  accuracy_before=0.955, accuracy_before_heal=0.71, params_before=11173962,
+                                  macs_before=557_000_000, size_bytes_before=44770315, latency_p50_ms_before=4.1,
+                                  latency_p90_ms_before=4.5, ratio=0.5, importance="magnitude", heal_epochs=3,
+                                  heal_method="mgd")},
+            history={"pruned": _hist(3, 1.2, 0.948)}, seconds=33.0),
+        "onnx": _stage(
+            metrics={"onnx": _m(0.948, 0.9, size=11200000, params=2797610, macs=140_000_000),
+                     "onnx_int8": _m(0.945, 0.5, size=2900000, params=2797610, macs=140_000_000),
+                     "teacher_onnx": _m(0.9625, 2.7, size=85200000, params=21289802, macs=1_160_000_000)},
+            reference=["teacher_onnx"],
+            gates=[_gate("max_accuracy_drop", "onnx_int8", "accuracy drop vs teacher", 0.0175, 0.02, True)]),
+        "openvino": _stage(
+            metrics={"openvino_fp32": _m(0.948, 0.52, size=11300000, params=2797610, macs=140_000_000),
+                     "openvino_int8": _m(0.944, 0.2, size=3100000, params=2797610, macs=140_000_000),
+                     "teacher_openvino_fp32": _m(0.9625, 1.3, size=85300000, params=21289802, macs=1_160_000_000)},
+            reference=["teacher_openvino_fp32"],
+            commands={"openvino_int8": "benchmark_app -m openvino/openvino_int8.xml -d CPU -hint latency -shape [1,3,32,32]"},
+            gates=[_gate("latency_ms", "openvino_int8", "latency p90", 0.22, 5.0, True),
+                   _gate("max_accuracy_drop", "openvino_int8", "accuracy drop vs teacher", 0.0185, 0.02, True)]),
+        "tensorrt": _stage(
+            metrics={"trt_qdq": _m(0.946, 0.8, size=11300000, params=2797610, macs=140_000_000)},
+            outputs={"trt_qdq": {"path": "tensorrt/trt_qdq.onnx", "sha256": "1" * 64, "bytes": 11300000},
+                     "trt_calib_cache": {"path": "tensorrt/calib.cache", "sha256": "2" * 64, "bytes": 4200}},
+            unavailable={"trt_engine": "TensorRT not installed (pip install tensorrt needs an NVIDIA driver)"},
+            commands={"trt_engine": "trtexec --onnx=tensorrt/trt_qdq.onnx --int8 --calib=tensorrt/calib.cache "
+                                    "--saveEngine=trt_engine.plan"},
+            gates=[_gate("latency_ms", "trt_engine", "latency p90", None, 2.0, None)]),
+        "export_tflite": _stage("failed", reason="RuntimeError: tflite converter crashed (exit 134)", seconds=1.0),
+    }
+    config = {"pipeline": {"name": "digits-r34-to-r18", "workdir": "runs/digits", "seed": 0, "device": "cpu"},
+              "distill": {"student": "resnet18", "method": "mgd", "mgd": {"alpha": 7e-5, "teacher_layers": ["layer4"]}},
+              "gates": {"max_accuracy_drop": 0.02, "latency_ms": {"openvino_int8": 5.0}, "max_int8_accuracy_drop": None},
+              "bench": {"threads": 1}}
+    data = {
+        "format": 1,
+        "pipeline": {"name": "digits-r34-to-r18", "config": config, "seed": 0, "device": "cpu",
+                     "versions": {"torch": "2.14.1", "openvino": "2026.4.1", "tensorrt": "absent"},
+                     "updated": "2026-11-24T09:59:00+00:00"},
+        "stages": stages,
+        "ship": SHIP,
+    }
+    if evil:
+        stages[EVIL] = _stage("unavailable", reason=f"missing {EVIL} & friends [/bold] | pipe")
+        stages["prune"]["warnings"] = [f"class {EVIL} has no images"]
+        stages["distill"]["metrics"][EVIL] = _m(0.5, 1.0, size=1, params=1, macs=1)
+        stages["openvino"]["commands"][EVIL] = f"echo {EVIL}"
+        config["data"] = {"classes": [EVIL, "dog"]}
+        data["pipeline"]["name"] = f"run {EVIL}"
+        data["ship"] = {**SHIP, "openvino": {**SHIP["openvino"], "reason": f"because {EVIL}"}}
+    return data
+
+
+def write_manifest(workdir: Path, data: dict) -> Manifest:
+    """Write `data` as workdir/manifest.json and load it back through the real loader.
+
+    The `ship` section is being added to the manifest schema; until ManifestModel knows it,
+    it is attached after loading, exactly where the report reads it (`manifest.model.ship`).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = json.loads(json.dumps(data))
+    ship = data.pop("ship", None) if "ship" not in ManifestModel.model_fields else None
+    (workdir / "manifest.json").write_text(json.dumps(data, indent=1))
+    manifest = load_run(workdir)
+    if ship is not None:
+        object.__setattr__(manifest.model, "ship", ship)
+    return manifest
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Manifest:
+    return write_manifest(tmp_path / "run", manifest_dict())
+
+
+class _Parse(HTMLParser):
+    """Collects tags with their attributes and the visible text of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(page: str) -> _Parse:
+    p = _Parse()
+    p.feed(page)
+    return p
+
+
+# -- content -------------------------------------------------------------------------------
+
+
+def test_html_report_has_every_section_with_numbers(manifest):
+    page = render_html(manifest)
+    text = " ".join(_parse(page).text)
+
+    for title in ("Stage chain", "Artifacts", "Plots", "Distillation gain (MGD)", "Pruning before / after",
+                  "INT8 vs FP32 per target", "What to ship, per target", "Gates", "Unavailable here, and why",
+                  "Reproduce on the target", "Warnings", "Environment and config"):
+        assert f"<h2>{title}</h2>" in page, title
+    # stage chain: every stage, its status and time, the failure's reason
+    assert "teacher (ok) → distill (ok) → prune (ok) → onnx (ok) → openvino (ok) → tensorrt (ok) → export_tflite (failed)" in text
+    assert "RuntimeError: tflite converter crashed (exit 134)" in text and "61.2" in text and "181.5" in text
+    # artifact table: accuracy, delta vs teacher, latencies, size, params, MACs, speedups
+    assert "96.25%" in text and "94.40%" in text and "-1.85 pt" in text  # openvino_int8 vs teacher
+    assert "9.10" in text and "0.20" in text and "0.22" in text  # p50 teacher, p50 / p90 openvino_int8
+    assert "72.8 (N=32)" in text  # teacher batch-32 latency p50
+    assert "81.3 MiB" in text and "21.3 M" in text and "1.16 G" in text and "140 M" in text and "557 M" in text
+    assert "45.50×" in text  # openvino_int8 vs the teacher in torch eager: 9.1 / 0.2
+    assert "6.50× vs teacher_openvino_fp32" in text  # vs the teacher on OpenVINO: 1.3 / 0.2
+    assert "5.40× vs teacher_onnx" in text  # onnx_int8: 2.7 / 0.5
+    assert "2.22× vs teacher" in text  # student in torch eager: the teacher is its same-runtime build
+    assert "student_baseline (reference)" in text and "not gated (reference)" in text
+    assert "max_accuracy_drop ok, latency_ms ok" not in text and "latency_ms ok, max_accuracy_drop ok" in text
+    assert "not measured" in text and "latency_ms FAILED" not in text  # trt_engine's budget: never measured here
+    # MGD gain vs the baseline and vs KD
+    assert "+1.25 pt" in text and "-0.50 pt" in text  # student, student_kd vs student_baseline
+    assert "MGD gain over the student trained alone: +1.25 pt" in text
+    # pruning before/after
+    assert "accuracy right after pruning, before healing" in text and "71.00%" in text
+    assert "11.2 M" in text and "2.80 M" in text and "1.86× faster" in text  # params, latency 4.1 -> 2.2
+    assert "ratio = 0.5" in text and "heal_method = mgd" in text
+    # INT8 vs FP32 on each runtime
+    assert "2.60×" in text and "-0.40 pt" in text  # openvino: 0.52 / 0.2, 94.4 vs 94.8
+    assert "1.80×" in text and "-0.30 pt" in text  # onnxruntime: 0.9 / 0.5
+    # ship choice per target, and why
+    assert "openvino_int8" in text and "INT8 is 2.6x faster than FP32 at p50 and within the accuracy gate" in text
+    assert "no engine was built here: TensorRT not installed" in text
+    assert "ship: torch → pruned, onnxruntime → onnx_int8, openvino → openvino_int8, tensorrt → none" in text
+    # reproduce commands and unavailable parts with their reason
+    assert "benchmark_app -m openvino/openvino_int8.xml -d CPU" in text and "trtexec --onnx=tensorrt/trt_qdq.onnx" in text
+    assert "TensorRT not installed (pip install tensorrt needs an NVIDIA driver)" in text
+    # environment: versions, device, seed, the config
+    assert "2026.4.1" in text and "teacher_layers = [\"layer4\"]" in text and "[distill.mgd]" in text
+    assert "# max_int8_accuracy_drop = (unset)" in text
+    assert "the teacher (96.25%) beats the baseline by only 2.00 pt" in text
+
+
+def test_same_runtime_teacher_needs_the_teacher_build(manifest):
+    rows = {r.name: r for r in measured_artifacts(manifest)}
+    assert same_runtime_teacher("openvino_int8", rows) == "teacher_openvino_fp32"
+    assert same_runtime_teacher("onnx", rows) == "teacher_onnx"
+    assert same_runtime_teacher("trt_qdq", rows) is None  # no teacher build measured that way
+    del rows["teacher_onnx"]
+    assert same_runtime_teacher("onnx_int8", rows) is None
+
+
+def test_markdown_has_the_tables(manifest):
+    md = render_markdown(manifest)
+    assert md.startswith("# digits-r34-to-r18 — pipeline report")
+    for title in ("## Stage chain", "## Artifacts", "## Distillation gain (MGD)", "## Pruning before / after",
+                  "## INT8 vs FP32 per target", "## What to ship, per target", "## Reproduce on the target"):
+        assert title in md, title
+    header = next(line for line in md.splitlines() if line.startswith("| stage | artifact |"))
+    cols = header.count("|") - 1
+    row = next(line for line in md.splitlines() if line.startswith("| openvino | openvino_int8 |"))
+    assert row.count("|") - row.count("\\|") - 1 == cols  # same column count as the header
+    assert "| 94.40% |" in row and "6.50× vs teacher_openvino_fp32" in row
+    assert re.search(r"^\| --- \|", md, re.M)
+    assert "```\ntrtexec --onnx=tensorrt/trt_qdq.onnx" in md
+    assert "| openvino | openvino_int8 | INT8 is 2.6x faster" in md
+    assert "see the plot in report.html" in md
+
+
+def test_plots_are_valid_pngs_and_missing_data_is_a_note(manifest):
+    imgs = [b for s in build_sections(manifest) for b in s.blocks if type(b).__name__ == "Img"]
+    assert len(imgs) == 3
+    for img in imgs:
+        assert img.png.startswith(PNG) and img.png[12:16] == b"IHDR" and img.png.rstrip().endswith(b"IEND\xaeB`\x82")
+        w, h = int.from_bytes(img.png[16:20], "big"), int.from_bytes(img.png[20:24], "big")
+        assert w > 300 and h > 200
+    with pytest.raises(plots.PlotDataMissing):
+        plots.accuracy_vs_latency([plots.Point("x", None, 0.5)])
+    with pytest.raises(plots.PlotDataMissing):
+        plots.training_curves({"teacher": []})
+    with pytest.raises(plots.PlotDataMissing):
+        plots.stage_bars([("a", None, None)])
+
+    empty = write_manifest(manifest.workdir.parent / "empty", {"stages": {"teacher": _stage("failed", reason="boom")}})
+    page = render_html(empty)
+    assert "<img" not in page
+    assert "accuracy vs latency p50 (Pareto view): omitted, no artifact has both an accuracy and a latency p50 yet." in page
+    assert "training curves: omitted, no stage recorded a per-epoch training history." in page
+
+
+def test_pareto_front():
+    pts = [plots.Point("slow_best", 10.0, 0.97), plots.Point("fast", 0.2, 0.94), plots.Point("mid", 1.0, 0.96),
+           plots.Point("dominated", 2.0, 0.95), plots.Point("tie", 0.2, 0.93)]
+    assert [p.label for p in plots.pareto_front(pts)] == ["fast", "mid", "slow_best"]
+
+
+def test_config_toml_round_trips_through_tomllib():
+    import tomllib
+
+    cfg = {"pipeline": {"name": "a \"quoted\" name", "seed": 0}, "gates": {"max_accuracy_drop": None,
+           "latency_ms": {"openvino_int8": 5.0}}, "distill": {"mgd": {"alpha": 7e-5, "layers": ["layer4"]}}}
+    parsed = tomllib.loads(config_toml(cfg))
+    assert parsed["pipeline"] == cfg["pipeline"]
+    assert parsed["gates"] == {"latency_ms": {"openvino_int8": 5.0}}  # unset values are comments
+    assert parsed["distill"]["mgd"] == cfg["distill"]["mgd"]
+
+
+# -- safety --------------------------------------------------------------------------------
+
+
+def test_every_manifest_string_is_escaped(tmp_path):
+    m = write_manifest(tmp_path / "run", manifest_dict(evil=True))
+    page = render_html(m)
+    assert EVIL not in page and "<script" not in page.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    parsed = _parse(page)
+    assert not [t for t, _ in parsed.tags if t == "script"]
+    text = " ".join(parsed.text)
+    for needle in (f"run {EVIL}", f"missing {EVIL} & friends [/bold] | pipe", f"class {EVIL} has no images",
+                   f"echo {EVIL}", f"because {EVIL}"):
+        assert needle in text, needle  # shown to the reader as text
+    md = render_markdown(m)
+    outside_code = re.sub(r"^(`{3,})\n.*?^\1$", "", md, flags=re.M | re.S)
+    assert "```" in md and EVIL not in outside_code  # raw only inside fenced code blocks, shown verbatim
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "missing &lt;script&gt;" in md
+
+
+def test_no_network_resources(manifest, tmp_path):
+    html_path, _ = write_report(manifest)
+    page = html_path.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"url\(|@import", page, re.I)
+    parsed = _parse(page)
+    for tag, attrs in parsed.tags:
+        for name in ("src", "href"):
+            if name in attrs:
+                assert attrs[name].startswith(("data:image/png;base64,", "#")), (tag, attrs)
+        assert tag not in ("link", "script", "iframe", "object", "embed")
+    assert "default-src 'none'" in page  # the CSP forbids any load the page did not embed
+    assert sum(1 for t, _ in parsed.tags if t == "img") == 3
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def test_report_command_writes_both_files(tmp_path, capsys):
+    write_manifest(tmp_path / "run", manifest_dict())
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    assert "report.html" in capsys.readouterr().err
+    assert (tmp_path / "run" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert "## Artifacts" in (tmp_path / "run" / "report.md").read_text()
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # atomic writes leave no temp file
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "no_manifest", "corrupt", "wrong_schema"])
+def test_report_and_status_bad_run_dir_exit_2_one_line(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case != "missing_dir":
+        run.mkdir()
+    if case == "corrupt":
+        (run / "manifest.json").write_text("{not json")
+    if case == "wrong_schema":
+        (run / "manifest.json").write_text(json.dumps({"stages": {"teacher": {"status": "great"}}}))
+    for command in ("report", "status"):
+        code = cli.main([command, str(run)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and "Traceback" not in err, err
+        assert str(run) in err
+        assert not (run / "report.html").exists()
+
+
+def test_status_lists_every_stage_and_reason(tmp_path):
+    m = write_manifest(tmp_path / "run", manifest_dict(evil=True))
+    from rich.console import Console
+
+    con = Console(record=True, width=220, color_system=None)
+    con.print(status_view(m))
+    out = con.export_text()
+    for stage in ("teacher", "distill", "prune", "onnx", "openvino", "tensorrt", "export_tflite", EVIL):
+        assert stage in out, stage
+    assert "RuntimeError: tflite converter crashed (exit 134)" in out
+    assert f"missing {EVIL} & friends [/bold] | pipe" in out  # rich markup in a reason is text, not markup
+    assert "trt_engine" in out and "TensorRT not installed" in out
+    assert "abababababab" in out  # key prefix
+    teacher_line = next(line for line in out.splitlines() if "│ teacher " in line)
+    assert "│ yes " in teacher_line and "61.2" in teacher_line  # recorded before the last run started: cached
+    assert "│ no " in next(line for line in out.splitlines() if "│ distill " in line)
+
+
+def test_status_command_exit_0(tmp_path):
+    write_manifest(tmp_path / "run", {**manifest_dict(), "ship": {}})
+    result = run_cli("status", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    for stage in ("teacher", "distill", "prune", "onnx", "openvino", "tensorrt", "export_tflite"):
+        assert stage in result.stderr
+    assert "tflite converter crashed" in result.stderr and "TensorRT not installed" in result.stderr
+
+
+@pytest.mark.parametrize("ending", ["ok", "stage_failed", "gate_failed", "interrupted"])
+def test_run_writes_the_report_whatever_the_exit_code(ending, tmp_path, tiny_config, monkeypatch, capsys):
+    from pipeline.runner import Runner, RunOutcome
+
+    path = tiny_config()
+    workdir = tmp_path / "run"
+    manifest = write_manifest(workdir, manifest_dict())
+    code = {"ok": 0, "stage_failed": 1, "gate_failed": 3}.get(ending)
+
+    def fake_run(self):
+        if code is None:
+            raise KeyboardInterrupt  # the manifest on disk holds what finished
+        return RunOutcome(code=code, manifest=manifest, visited=list(manifest.stages), messages=[f"ended {ending}"])
+
+    monkeypatch.setattr(Runner, "run", fake_run)
+    assert cli.main(["run", str(path)]) == (130 if code is None else code)
+    assert "report:" in capsys.readouterr().err
+    assert "openvino_int8" in (workdir / "report.html").read_text()
+    assert "## Artifacts" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_tiny_run_writes_the_report(tmp_path, tiny_config, cli):
+    path = tiny_config(extra="[onnx]\nenabled = false\n[openvino]\nenabled = false\n[tensorrt]\nenabled = false\n"
+                             "[distill]\nbaseline = false\n[prune]\nenabled = true\nheal_epochs = 1\n")
+    result = cli("run", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "report.html" in result.stderr
+    page = (run / "report.html").read_text()
+    md = (run / "report.md").read_text()
+    text = " ".join(_parse(page).text)
+    assert "teacher (ok) → distill (ok) → prune (ok) → onnx (skipped)" in text
+    assert "disabled in the config ([onnx] enabled = false)" in text
+    assert "accuracy right after pruning, before healing" in text
+    assert "No baseline student in this run" in text
+    assert sum(1 for t, _ in _parse(page).tags if t == "img") == 3  # Pareto, bars, training curves
+    assert "| tiny | prune |" not in md and "| prune | pruned |" in md
+
+    status = cli("status", str(run))
+    assert status.returncode == 0 and "prune" in status.stdout + status.stderr
+
+    # A gate that cannot pass (everything else cached): exit 3, and the report says so.
+    (run / "report.html").unlink()
+    gated = tiny_config(extra="[onnx]\nenabled = false\n[openvino]\nenabled = false\n[tensorrt]\nenabled = false\n"
+                              "[distill]\nbaseline = false\n[prune]\nenabled = true\nheal_epochs = 1\n"
+                              "[gates.latency_ms]\nteacher = 0.0001\n", name="gated.toml")
+    failed = cli("run", str(gated))
+    assert failed.returncode == 3, failed.stderr[-2000:]
+    text = " ".join(_parse((run / "report.html").read_text()).text)
+    assert "latency_ms FAILED on teacher" in text and "1 of 1 gate checks failed." in text
+
+
+# -- a real browser ------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(manifest, tmp_path):
+    html_path, _ = write_report(manifest)
+    base = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(base + ["--dump-dom", html_path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = _parse(dom.stdout)
+    tags = [t for t, _ in parsed.tags]
+    assert tags.count("table") >= 10 and tags.count("img") == 3
+    assert all(a["src"].startswith("data:image/png;base64,") for t, a in parsed.tags if t == "img")
+    text = " ".join(parsed.text)
+    assert "6.50× vs teacher_openvino_fp32" in text and "INT8 is 2.6x faster" in text
+
+    shot = tmp_path / "report.png"
+    r = subprocess.run(base + ["--hide-scrollbars", "--window-size=1400,3000", f"--screenshot={shot}", html_path.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.read_bytes().startswith(PNG), r.stderr[-2000:]
+    assert shot.stat().st_size > 20_000  # a rendered page of tables and plots, not a blank one
