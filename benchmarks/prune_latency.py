@@ -39,7 +39,7 @@ def _export(model: torch.nn.Module, size: int, path: Path) -> Path:
     """Single-file ONNX at batch 1 (what the harness times)."""
     from export.onnx import export_model  # the pipeline's own exporter
 
-    export_model(model, (3, size, size), path, opset=18, dynamic_batch=True)
+    export_model(model, (3, size, size), path, opset=18, dynamic_batch=True, what=path.stem)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|validate CONFIG`, `python -m pipeline report|status RUN_DIR`.
+"""Command line: `python -m pipeline run|validate CONFIG`, `python -m pipeline report|status|build-engine RUN_DIR`.
 
 Exit codes: 0 success, 1 a stage failed, 2 bad input (config, data, checkpoint, workdir,
 manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no traceback.
@@ -19,6 +19,7 @@ from pipeline.ui import console, setup_logging
 
 log = logging.getLogger(__name__)
 
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="MGD edge-compression pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of stage failures)")
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
     run.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only this stage (repeatable)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if cached (repeatable)")
+    run.add_argument("--target", choices=("torch", "onnxruntime", "openvino", "tensorrt"),
+                     help="run only the stages this deployment target needs")
 
     val = sub.add_parser("validate", help="check a config (schema, data, models, checkpoints) without running")
     val.add_argument("config", help="path to pipeline.toml")
@@ -38,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
     st = sub.add_parser("status", help="show a run's manifest: stages, cache keys, unavailable parts, gate failures")
     st.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
+    eng = sub.add_parser("build-engine", help="build the TensorRT engine of a finished run on this machine (TensorRT + CUDA)")
+    eng.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
     return p
 
 
@@ -66,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import Runner, RunOptions
 
     cfg = config_mod.load(args.config)
-    opts = RunOptions(from_stage=args.from_stage, until_stage=args.until_stage, only=set(args.only), force=set(args.force))
+    opts = RunOptions(from_stage=args.from_stage, until_stage=args.until_stage, only=set(args.only),
+                      force=set(args.force), target=args.target)
     runner = Runner(cfg, opts)
     try:
         outcome = runner.run()
@@ -78,6 +84,10 @@ def _run(args: argparse.Namespace) -> int:
         rec = outcome.manifest.stages.get(name)
         for w in rec.warnings if rec else ():
             console.print(f"[yellow]warning ({name}):[/] {escape(w)}", highlight=False, soft_wrap=True)
+    for target, choice in outcome.manifest.model.ship.items():
+        art = choice.get("artifact")
+        head = f"[green]ship ({target}):[/] {art}" if art else f"[yellow]ship ({target}):[/] nothing"
+        console.print(f"{head} — {escape(str(choice.get('reason', '')))}", highlight=False, soft_wrap=True)
     for msg in outcome.messages:
         console.print(("[red]" if outcome.code else "[yellow]") + escape(msg), highlight=False, soft_wrap=True)
     console.print(f"manifest: {outcome.manifest.path}")
@@ -118,12 +128,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_engine(args: argparse.Namespace) -> int:
+    from export.tensorrt import build_engine_from_run
+
+    path = build_engine_from_run(_run_dir(args.run_dir))
+    console.print(f"engine: {path}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        commands = {"run": _run, "validate": _validate, "report": _report, "status": _status}
+        commands = {"run": _run, "validate": _validate, "report": _report, "status": _status,
+                    "build-engine": _build_engine}
         return commands[args.command](args)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -160,7 +160,10 @@ class OnnxConfig(_Section):
     opset: int = Field(18, ge=11, le=23, description="ONNX opset.")
     dynamic_batch: bool = Field(True, description="Dynamic batch axis.")
     simplify: bool = Field(True, description="Simplify with onnxslim.")
-    parity_atol: float = Field(1e-3, gt=0, description="Max abs logit difference vs torch allowed.")
+    parity_atol: float = Field(
+        1e-3, gt=0,
+        description="Max abs logit difference vs torch allowed (never below float32 rounding at the logits' magnitude: 64 ulps of the largest logit).",
+    )
     parity_min_agreement: float = Field(
         0.99, ge=0, le=1, description="Min share of val images where ONNX and torch agree on the top-1 class."
     )

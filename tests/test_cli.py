@@ -177,3 +177,15 @@ def test_killed_mid_training_resumes_at_last_epoch(tmp_path, tiny_config):
     assert f"resuming teacher from epoch {done + 1}" in again.stderr
     history = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["teacher"]["history"]["teacher"]
     assert [e["epoch"] for e in history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_build_engine_without_a_qdq_model_is_one_clear_line(tmp_path, cli):
+    (tmp_path / "manifest.json").write_text('{"format": 1, "stages": {}}')
+    proc = cli("build-engine", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no trt_qdq artifact" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_target_is_rejected(tiny_config, cli):
+    proc = cli("run", str(tiny_config()), "--target", "jetson")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -1,0 +1,675 @@
+"""ONNX stage: export the final student (and the teacher) to ONNX, prove parity, build INT8.
+
+The student a deployment starts from (`pruned` when pruning ran, else the distilled
+`student`) is exported to one self-contained ONNX file (input `input`, output `logits`,
+optional dynamic batch axis), checked with `onnx.checker` (full check), optionally simplified
+with onnxslim and checked again. Parity is then proven on real validation images: ONNX Runtime
+CPU logits against torch eager logits (max abs difference and top-1 agreement, failing the
+stage beyond `[onnx] parity_atol` / `parity_min_agreement`; the tolerance is never below
+float32 rounding at the logits' magnitude), and the dynamic batch axis is checked to give the
+same logits per image at batch 1 and batch N.
+
+With `[onnx] int8 = true`, ONNX Runtime's static post-training quantization builds a Q/DQ
+model (QUInt8 activations, per-channel QInt8 weights) calibrated on the *calibration* split
+(training images, never evaluation ones). With `[onnx] export_teacher = true` the teacher is
+exported with the same checks, as the same-runtime reference for speedups (DESIGN.md,
+"Latency").
+
+An export that fails on an operator the exporter cannot translate raises
+:class:`UnsupportedOperatorError` naming the operator and the module (its qualified name in the
+model, e.g. ``layer4.1.custom``) that calls it.
+
+Inputs: `pruned|student` (state dict or pruned payload), `teacher` (state dict).
+Outputs: `onnx` (`onnx/student.onnx`), `onnx_int8` (`onnx/student_int8.onnx`),
+`teacher_onnx` (`onnx/teacher.onnx`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.runtimes import OrtRuntime, TorchRuntime
+from pipeline import dist
+from pipeline.config import ConfigError, OnnxConfig
+from pipeline.stage import Measure, StageContext, StageResult, register
+from stages._student import load_final_student
+from stages.teacher import build_teacher
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+Config = OnnxConfig
+
+STUDENT_FILE = "student.onnx"
+INT8_FILE = "student_int8.onnx"
+TEACHER_FILE = "teacher.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PARITY_IMAGES = 256  # val images compared between torch and ONNX Runtime
+BATCH_CHECK_IMAGES = 8  # images run one by one to prove the dynamic batch axis
+# The torch.export-based exporter translates to opset 18 and only down-converts (often
+# unsuccessfully) below it; the TorchScript exporter handles older opsets natively.
+DYNAMO_MIN_OPSET = 18
+# Float32 rounding allowance for the parity check, in ulps of the largest logit (see _tolerance):
+# ORT and torch reorder sums differently; a few ulps is what a correct export shows.
+FLOAT32_ULPS = 64
+# Why a fallback to the TorchScript exporter deserves a warning.
+_TRACE_CAVEAT = "the TorchScript tracer bakes in data-dependent control flow: check the model has none"
+
+
+class OnnxExportError(RuntimeError):
+    """The model could not be exported to ONNX (a failure of the stage, not of the config)."""
+
+
+class UnsupportedOperatorError(OnnxExportError):
+    """The exporter has no ONNX translation for an operator the model uses.
+
+    `op` is the operator (e.g. ``aten::linalg_qr``), `module` the qualified name of the
+    innermost module that calls it (``""`` for the model's own forward, None when unknown).
+    """
+
+    def __init__(self, message: str, op: str, module: str | None):
+        super().__init__(message)
+        self.op = op
+        self.module = module
+
+
+class ParityError(RuntimeError):
+    """The exported model's outputs differ from torch's beyond the configured tolerance."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing files
+# --------------------------------------------------------------------------------------------
+
+
+def _publish(model: "onnx.ModelProto", path: Path) -> None:
+    """Serialize `model` as ONE file, check it (full check), then atomically move it into place.
+
+    The check runs on the temporary file, so a model that fails it never appears under its
+    final name, and a crash leaves at most a hidden `.tmp` file, never half an artifact.
+    """
+    import onnx
+
+    try:
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf refuses messages over 2 GiB
+        raise OnnxExportError(
+            f"{path.name}: the model is too large for a single ONNX file (protobuf limit 2 GiB): {exc}"
+        ) from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxExportError(f"{path.name} fails onnx.checker (full check): {first}") from exc
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _export_params() -> set[str]:
+    return set(inspect.signature(torch.onnx.export).parameters)
+
+
+def _exporters(opset: int) -> list[str]:
+    """The exporters to try, in order.
+
+    The torch.export-based exporter (`dynamo=True`; stable from torch 2.6, the default since
+    2.9, where the TorchScript one is deprecated) comes first at opset >= 18, with the
+    TorchScript exporter as the fallback for models torch.export cannot trace. Below opset 18
+    the TorchScript exporter comes first (it emits old opsets natively). torch 2.4 has only the
+    TorchScript exporter; on 2.5 the new one was a beta and is only the fallback.
+    """
+    if "dynamo" not in _export_params():
+        return ["torchscript"]
+    if torch.__version__ < (2, 6):  # TorchVersion compares with tuples
+        return ["torchscript", "dynamo"]
+    return ["dynamo", "torchscript"] if opset >= DYNAMO_MIN_OPSET else ["torchscript", "dynamo"]
+
+
+def _run_exporter(exporter: str, model: nn.Module, example: torch.Tensor, file: Path, opset: int,
+                  dynamic: bool) -> None:
+    params = _export_params()
+    kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    if exporter == "dynamo":
+        kwargs.update(dynamo=True, verbose=False)
+        if "external_data" in params:
+            # Weights inline. The file is re-serialized by _publish anyway, so a sidecar
+            # written by an older torch (no such argument) is folded in and never kept.
+            kwargs["external_data"] = False
+        if "artifacts_dir" in params:
+            kwargs["artifacts_dir"] = str(file.parent)  # failure reports stay in the temp dir
+        if dynamic:
+            if "dynamic_shapes" in params:
+                # A tuple matches the positional arguments, whatever the forward's parameter is called.
+                kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+            else:
+                kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    else:
+        if "dynamo" in params:
+            kwargs["dynamo"] = False
+        if dynamic:
+            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and tracer warnings: the checks below judge the result
+        torch.onnx.export(model, (example,), str(file), **kwargs)
+
+
+def _opset_of(model: "onnx.ModelProto") -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic: bool,
+            work_dir: Path) -> tuple["onnx.ModelProto", str, str | None]:
+    """Export `model` (eval mode, CPU); return `(ModelProto with weights inline, exporter, fallback)`.
+
+    `fallback` is None when the preferred exporter worked, else why it did not.
+
+    Tries the exporters of :func:`_exporters` in order; when all fail, raises
+    :class:`UnsupportedOperatorError` (op and module named) or :class:`OnnxExportError`.
+    """
+    import onnx
+
+    model = model.cpu().eval()
+    # Batch 2 for a dynamic axis: torch.export specializes a dimension of size 1.
+    example = torch.randn(2 if dynamic else 1, *input_shape, generator=torch.Generator().manual_seed(0))
+    errors: list[tuple[str, BaseException]] = []
+    for exporter in _exporters(opset):
+        with tempfile.TemporaryDirectory(dir=work_dir, prefix=".export-") as tmp:
+            file = Path(tmp) / "model.onnx"
+            try:
+                _run_exporter(exporter, model, example, file, opset, dynamic)
+                # onnx.load pulls in any external-data sidecar from the temp dir; the dir
+                # (sidecar included) is deleted on leaving the block.
+                proto = onnx.load(str(file))
+            except Exception as exc:  # noqa: BLE001 - every exporter failure is diagnosed below
+                log.debug("%s exporter failed", exporter, exc_info=True)
+                errors.append((exporter, exc))
+                continue
+        got = _opset_of(proto)
+        if got != opset:
+            errors.append((exporter, OnnxExportError(f"the {exporter} exporter produced opset {got}, not {opset}")))
+            continue
+        fallback = None
+        if errors:
+            fallback = f"the {errors[0][0]} exporter failed ({_first_line(errors[0][1])}); used the {exporter} exporter"
+        return proto, exporter, fallback
+    raise _diagnose(model, example, opset, errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosing a failed export
+# --------------------------------------------------------------------------------------------
+
+# How the exporters name an operator they cannot translate, most specific first.
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.:]+)'"),  # torch.export-based
+    re.compile(r"Exporting the operator '([\w.:]+)' to ONNX"),  # TorchScript
+    re.compile(r"target=torch\.ops\.([\w.]+)"),  # torch.export-based, node being translated
+    re.compile(r"ONNX export of (?:operator )?'?([\w]+::[\w.]+)"),  # TorchScript, older wording
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes/contexts, outermost first (cycles cut)."""
+    seen: list[BaseException] = []
+    while exc is not None and not any(exc is s for s in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _normalize_op(raw: str) -> str:
+    """`aten.linalg_qr.default` / `aten::linalg_qr` → `aten::linalg_qr`."""
+    if "::" in raw:
+        ns, _, rest = raw.partition("::")
+    else:
+        ns, _, rest = raw.partition(".")
+    name = rest.split(".")[0]
+    return f"{ns}::{name}" if name else raw
+
+
+def _op_from_error(exc: BaseException) -> str | None:
+    texts = [str(e) for e in _chain(exc)]
+    for pattern in _OP_PATTERNS:
+        for text in texts:
+            m = pattern.search(text)
+            if m:
+                return _normalize_op(m.group(1))
+    return None
+
+
+def _module_from_traceback(model: nn.Module, exc: BaseException) -> str | None:
+    """Qualified name of the innermost model module whose `forward` was running when `exc` was raised.
+
+    Works for failures while tracing (torch.export / the TorchScript tracer run the Python
+    forward); a failure while translating the traced graph has no such frame.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for e in reversed(_chain(exc)):  # innermost exception first: its frames are the deepest
+        for frame, _ in traceback.walk_tb(e.__traceback__):
+            code = frame.f_code
+            if code.co_name != "forward" or code.co_argcount == 0:
+                continue
+            owner = frame.f_locals.get(code.co_varnames[0])
+            if id(owner) in names:
+                found = names[id(owner)]  # later frames are deeper: keep the last
+        if found is not None:
+            return found
+    return None
+
+
+def _modules_calling(model: nn.Module, example: torch.Tensor, op: str) -> list[str]:
+    """Qualified names of the modules whose own code calls `op`, in execution order.
+
+    Runs the model eagerly once, tracking the module stack with forward hooks and seeing every
+    ATen call through a dispatch mode; the innermost module on the stack is the caller.
+    Returns [] when the op is not seen (e.g. the exporter named a decomposed variant).
+    """
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError:  # private API: degrade to "module unknown"
+        return []
+
+    def base(name: str) -> str:
+        return name.split("::")[-1].lstrip("_")
+
+    wanted = base(op)
+    stack: list[str] = []
+    callers: list[str] = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if base(func.name().split(".")[0]) == wanted and stack and stack[-1] not in callers:
+                callers.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    def enter(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # must return None: a value would replace the output
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), _Record():
+            model(example)
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the export error
+        log.debug("eager run for the export diagnosis failed", exc_info=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return callers
+
+
+def _diagnose(model: nn.Module, example: torch.Tensor, opset: int,
+              errors: list[tuple[str, BaseException]]) -> OnnxExportError:
+    """One error naming what failed: the operator and its module when they can be found."""
+    exporter, exc = errors[0]  # the preferred exporter's error is the one to report
+    tried = " and ".join(e for e, _ in errors)
+    for name, err in errors:
+        op = _op_from_error(err)
+        if op is None:
+            continue
+        callers = _modules_calling(model, example, op)
+        module = callers[0] if callers else _module_from_traceback(model, err)
+        if module is None:
+            where = "in an unknown module"
+        else:
+            mtype = type(model.get_submodule(module)).__name__
+            where = f"in module '{module}' ({mtype})" if module else f"in the model's own forward ({mtype})"
+            if len(callers) > 1:
+                where += f" (also in {', '.join(callers[1:4])}{', ...' if len(callers) > 4 else ''})"
+        message = (
+            f"cannot export operator {op} {where} to ONNX opset {opset} (tried the {tried} exporter"
+            f"{'s' if len(errors) > 1 else ''}: no ONNX translation); replace that operation in the "
+            f"model with exportable ones, or register a translation for it with torch.onnx"
+        )
+        return UnsupportedOperatorError(message, op=op, module=module)
+    module = _module_from_traceback(model, exc)
+    where = f" while tracing module '{module}'" if module else ""
+    return OnnxExportError(f"ONNX export failed{where} (tried the {tried} exporter"
+                           f"{'s' if len(errors) > 1 else ''}): {_first_line(exc)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def _tolerance(atol: float, reference: np.ndarray) -> float:
+    """`atol`, raised to the float32 resolution floor at the reference's logit magnitude.
+
+    Reordered float32 sums differ by a few ulps, and an ulp grows with the value: at logits
+    near 2,000 one ulp is 2.4e-4, so a 1e-3 tolerance there would test rounding, not the
+    export. For ordinary logits (|x| below ~100) the floor is under 1e-3 and `atol` rules.
+    """
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    return max(atol, FLOAT32_ULPS * float(np.finfo(np.float32).eps) * scale)
+
+
+def _parity(reference: np.ndarray, candidate: np.ndarray, *, atol: float, min_agreement: float,
+            what: str = "onnx") -> dict[str, float | int]:
+    """Compare logits of the exported model (`candidate`) with torch's (`reference`).
+
+    Returns `parity_max_abs_diff`, `parity_top1_agreement` (fraction of images with the same
+    top-1 class), `parity_tolerance` (the allowed difference, see :func:`_tolerance`) and
+    `parity_images`; raises :class:`ParityError` giving both figures and the config key to
+    change when the difference exceeds the tolerance or the agreement is below `min_agreement`.
+    """
+    reference = np.asarray(reference, dtype=np.float32)
+    candidate = np.asarray(candidate, dtype=np.float32)
+    if reference.shape != candidate.shape or reference.size == 0:
+        raise ParityError(f"{what} parity: output shape {candidate.shape} vs torch {reference.shape}")
+    diff = float(np.max(np.abs(reference - candidate)))
+    agree = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+    tol = _tolerance(atol, reference)
+    figures = f"max abs logit difference {diff:.3g}, top-1 agreement {agree:.4f} on {len(reference)} val images"
+    if not diff <= tol:  # also catches NaN
+        floor = f"; float32 floor at logits up to {np.max(np.abs(reference)):.3g}: {tol:.3g}" if tol > atol else ""
+        raise ParityError(f"{what} parity vs torch failed: {figures}; the difference exceeds onnx.parity_atol = {atol:g}"
+                          f"{floor} (raise onnx.parity_atol if this is acceptable)")
+    if not agree >= min_agreement:
+        raise ParityError(f"{what} parity vs torch failed: {figures}; the agreement is below "
+                          f"onnx.parity_min_agreement = {min_agreement:g} (lower it if this is acceptable)")
+    return {"parity_max_abs_diff": diff, "parity_top1_agreement": agree, "parity_tolerance": tol,
+            "parity_images": int(len(reference))}
+
+
+def _val_images(ctx: StageContext, limit: int = PARITY_IMAGES) -> np.ndarray:
+    """Up to `limit` validation images as one float32 NCHW array (parity only, never calibration)."""
+    chunks, n = [], 0
+    for batch in ctx.data.loader("val", ctx.cfg.data.batch_size):
+        x = batch[0].detach().cpu().numpy().astype(np.float32, copy=False)
+        chunks.append(x[: limit - n])
+        n += len(chunks[-1])
+        if n >= limit:
+            break
+    if not chunks:
+        raise ConfigError("data: the validation split is empty; the ONNX parity check needs val images")
+    return np.concatenate(chunks)
+
+
+def _predict(runtime: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([runtime.predict(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def _check_dynamic_batch(runtime: OrtRuntime, images: np.ndarray, atol: float, what: str) -> float:
+    """Batch 1 and batch N must give the same logits per image; returns the max abs difference."""
+    x = images[:BATCH_CHECK_IMAGES]
+    batched = runtime.predict(x)
+    single = np.concatenate([runtime.predict(x[i : i + 1]) for i in range(len(x))])
+    diff = float(np.max(np.abs(batched - single)))
+    if not diff <= atol:
+        raise ParityError(f"{what}: logits at batch {len(x)} differ from batch 1 by {diff:.3g} > {atol:.3g} "
+                          "(onnx.parity_atol); the dynamic batch axis is broken (set onnx.dynamic_batch = false to "
+                          "export a fixed batch)")
+    return diff
+
+
+class _FixedBatchOrtRuntime(OrtRuntime):
+    """ONNX Runtime on a model exported with a fixed batch of 1 (`[onnx] dynamic_batch = false`).
+
+    A batch of N images is run as N sequential single-image inferences, so the shared harness
+    (accuracy over the val loader, throughput at the configured batch) still applies.
+    """
+
+    def prepare(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """One input feed per image."""
+        return [super(_FixedBatchOrtRuntime, self).prepare(batch[i : i + 1]) for i in range(len(batch))]
+
+    def infer(self, prepared: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """The images one after another; the first output of each, in order."""
+        return [self.session.run(None, feed)[0] for feed in prepared]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits as float32 numpy, shape (N, num_classes)."""
+        return np.concatenate(self.infer(self.prepare(batch))).astype(np.float32, copy=False)
+
+
+def _ort(path: Path, threads: int, dynamic: bool) -> OrtRuntime:
+    return OrtRuntime(path, threads=threads) if dynamic else _FixedBatchOrtRuntime(path, threads=threads)
+
+
+# --------------------------------------------------------------------------------------------
+# One FP32 build
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Build:
+    """One FP32 build: its metrics, its logits on the parity images, and why the fallback exporter was used."""
+
+    metrics: dict[str, Any]
+    logits: np.ndarray
+    fallback: str | None
+
+
+def export_model(model: nn.Module, input_shape: tuple[int, ...], path: Path, *, opset: int = 18,
+                 dynamic_batch: bool = True, simplify: bool = True, what: str = "model") -> tuple[str, str | None, bool]:
+    """Export `model` to ONE checked ONNX file at `path` (input `input`, output `logits`).
+
+    Returns `(exporter, fallback reason or None, simplified)`. Used by the stage and by the
+    benchmarks, so both measure the same files.
+    """
+    proto, exporter, fallback = _export(model, input_shape, opset, dynamic_batch, Path(path).parent)
+    if fallback:
+        log.warning("%s: %s", what, fallback)
+    _publish(proto, path)  # checked before simplification too: a broken export is not blamed on onnxslim
+    simplified = False
+    if simplify:
+        import onnxslim
+
+        try:
+            slim = onnxslim.slim(proto)
+        except Exception as exc:  # noqa: BLE001 - simplification is an optimisation, not a requirement
+            log.warning("%s: onnxslim failed (%s); keeping the unsimplified model", what, _first_line(exc))
+        else:
+            try:
+                _publish(slim, path)
+                simplified = True
+            except OnnxExportError as exc:  # the checked unsimplified file stays in place
+                log.warning("%s: the simplified model fails the check (%s); keeping the unsimplified model", what, exc)
+    log.info("%s: exported %s with the %s exporter (opset %d%s)", what, Path(path).name, exporter, opset,
+             ", simplified" if simplified else "")
+    return exporter, fallback, simplified
+
+
+def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndarray, what: str) -> _Build:
+    """Export, check, simplify, check again, prove parity (and the dynamic batch)."""
+    cfg: OnnxConfig = ctx.cfg.onnx
+    exporter, fallback, simplified = export_model(model, ctx.data.input_shape, path, opset=cfg.opset,
+                                                  dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify, what=what)
+
+    torch_rt = TorchRuntime(model, "cpu", threads=torch.get_num_threads())  # leave torch's threads as they are
+    ort_rt = _ort(path, ctx.cfg.bench.threads, cfg.dynamic_batch)
+    batch = ctx.cfg.data.batch_size  # a fixed-batch build runs it image by image (_FixedBatchOrtRuntime)
+    reference = _predict(torch_rt, images, batch)
+    candidate = _predict(ort_rt, images, batch)
+    metrics: dict[str, Any] = _parity(reference, candidate, atol=cfg.parity_atol,
+                                      min_agreement=cfg.parity_min_agreement, what=what)
+    if cfg.dynamic_batch:
+        metrics["batch_check_max_abs_diff"] = _check_dynamic_batch(ort_rt, images, metrics["parity_tolerance"], what)
+    log.info("%s: parity vs torch: max abs diff %.3g, top-1 agreement %.4f", what,
+             metrics["parity_max_abs_diff"], metrics["parity_top1_agreement"])
+    metrics.update(runtime="onnxruntime", precision="fp32", opset=cfg.opset, exporter=exporter, simplified=simplified,
+                   dynamic_batch=cfg.dynamic_batch)
+    return _Build(metrics, candidate, fallback)
+
+
+# --------------------------------------------------------------------------------------------
+# INT8
+# --------------------------------------------------------------------------------------------
+
+
+def _calibration_reader(batches: Iterable, input_name: str, dynamic: bool):
+    """An onnxruntime CalibrationDataReader over calibration-split batches (counts the images)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = 0
+            self._it = iter(batches)
+            self._pending: list[np.ndarray] = []
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if not self._pending:
+                batch = next(self._it, None)
+                if batch is None:
+                    return None
+                x = batch[0].detach().cpu().numpy().astype(np.float32, copy=False)
+                # A fixed-batch model takes one image per feed.
+                self._pending = [x] if dynamic else [x[i : i + 1] for i in range(len(x))]
+            x = self._pending.pop(0)
+            self.images += len(x)
+            return {input_name: np.ascontiguousarray(x)}
+
+    return _Reader()
+
+
+def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
+    """Static Q/DQ quantization with ONNX Runtime, calibrated on the calibration split."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cfg: OnnxConfig = ctx.cfg.onnx
+    if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
+        raise ConfigError("data.calibration_size: the calibration split is empty; onnx.int8 needs calibration images")
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".int8-") as tmp:
+        source = fp32
+        preprocessed = False
+        try:
+            # ORT's recommended pre-processing: symbolic shape inference + graph optimisation,
+            # so that quantization sees fused Conv+BN and known shapes.
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre))
+            source, preprocessed = pre, True
+        except Exception as exc:  # noqa: BLE001 - optional step: quantize the plain export instead
+            log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", _first_line(exc))
+        reader = _calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), INPUT_NAME,
+                                     cfg.dynamic_batch)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(source), str(out), reader,
+            quant_format=QuantFormat.QDQ,
+            # U8 activations with S8 weights: the combination ORT's x86 CPU kernels run fastest.
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        _publish(onnx.load(str(out)), path)
+    log.info("onnx_int8: quantized on %d calibration images (QDQ, QUInt8 activations, per-channel QInt8 weights)",
+             reader.images)
+    return {
+        "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ", "activation_type": "QUInt8",
+        "weight_type": "QInt8", "per_channel": True, "calibrate_method": "MinMax",
+        "calibration_images": int(reader.images), "calibration_split": "calibration",
+        "preprocessed": preprocessed, "opset": cfg.opset,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _warn_fallback(result: StageResult, artifact: str, build: _Build) -> None:
+    if build.fallback:
+        caveat = f"; {_TRACE_CAVEAT}" if build.metrics["exporter"] == "torchscript" else ""
+        result.warnings.append(f"{artifact}: {build.fallback}{caveat}")
+
+
+@register("onnx", order=40, inputs=("pruned|student", "teacher"), outputs=("onnx", "onnx_int8", "teacher_onnx"),
+          config_keys=("onnx", "data", "distill"), enabled=lambda cfg: cfg.onnx.enabled)
+def run(ctx: StageContext) -> StageResult:
+    """Export the final student (and the teacher) to ONNX, prove parity, build the INT8 Q/DQ model."""
+    cfg: OnnxConfig = ctx.cfg.onnx
+    threads = ctx.cfg.bench.threads
+    outputs = {"onnx": ctx.out_dir / STUDENT_FILE}
+    if cfg.int8:
+        outputs["onnx_int8"] = ctx.out_dir / INT8_FILE
+    if cfg.export_teacher:
+        outputs["teacher_onnx"] = ctx.out_dir / TEACHER_FILE
+    if not dist.is_main():
+        return StageResult(outputs=outputs)  # under torchrun rank 0 builds; the runner's barrier waits for it
+    result = StageResult(outputs={})
+    images = _val_images(ctx)
+
+    source, student = load_final_student(ctx)
+    path = outputs["onnx"]
+    build = _build_fp32(ctx, student, path, images, "onnx")
+    _warn_fallback(result, "onnx", build)
+    result.outputs["onnx"] = path
+    result.metrics["onnx"] = {**build.metrics, "source": source}
+    result.measure["onnx"] = Measure(_ort(path, threads, cfg.dynamic_batch), model=student, path=path)
+
+    if cfg.int8:
+        int8 = outputs["onnx_int8"]
+        q = _build_int8(ctx, path, int8)
+        q_rt = _ort(int8, threads, cfg.dynamic_batch)
+        q_logits = _predict(q_rt, images, ctx.cfg.data.batch_size)
+        # Not a gate (INT8 is expected to move logits): recorded so a bad calibration is visible.
+        q["top1_agreement_vs_fp32"] = float(np.mean(q_logits.argmax(1) == build.logits.argmax(1)))
+        result.outputs["onnx_int8"] = int8
+        result.metrics["onnx_int8"] = q
+        result.measure["onnx_int8"] = Measure(q_rt, model=student, path=int8)
+
+    if cfg.export_teacher:
+        teacher = build_teacher(ctx, weights=str(ctx.inputs["teacher"])).cpu().eval()
+        tpath = outputs["teacher_onnx"]
+        try:
+            tbuild = _build_fp32(ctx, teacher, tpath, images, "teacher_onnx")
+        except (OnnxExportError, ParityError) as exc:
+            # The teacher build is a reference for speedups, not a deliverable: its failure must
+            # not block the student's deployment, but it is reported and nothing is measured.
+            tpath.unlink(missing_ok=True)
+            result.warnings.append(f"teacher_onnx not built, so no same-runtime speedup: {exc}")
+        else:
+            _warn_fallback(result, "teacher_onnx", tbuild)
+            result.outputs["teacher_onnx"] = tpath
+            result.metrics["teacher_onnx"] = {**tbuild.metrics, "source": "teacher"}
+            result.measure["teacher_onnx"] = Measure(_ort(tpath, threads, cfg.dynamic_batch), model=teacher,
+                                                     path=tpath, reference=True)
+    return result
