@@ -568,15 +568,17 @@ def _calibration_reader(batches: Iterable, input_name: str, dynamic: bool):
     return _Reader()
 
 
-def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
-    """Static Q/DQ quantization with ONNX Runtime, calibrated on the calibration split."""
+def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = True) -> dict[str, Any]:
+    """Static Q/DQ INT8 for ONNX Runtime CPU: QUInt8 activations, per-channel QInt8 weights,
+    MinMax calibration over `batches` of `(images, ...)`. Writes ONE checked file at `path`.
+
+    Returns what was done (recorded in the manifest). Used by the stage (calibration split) and
+    by the benchmarks.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    cfg: OnnxConfig = ctx.cfg.onnx
-    if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
-        raise ConfigError("data.calibration_size: the calibration split is empty; onnx.int8 needs calibration images")
-    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".int8-") as tmp:
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".int8-") as tmp:
         source = fp32
         preprocessed = False
         try:
@@ -589,8 +591,7 @@ def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
             source, preprocessed = pre, True
         except Exception as exc:  # noqa: BLE001 - optional step: quantize the plain export instead
             log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", _first_line(exc))
-        reader = _calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), INPUT_NAME,
-                                     cfg.dynamic_batch)
+        reader = _calibration_reader(batches, INPUT_NAME, dynamic)
         out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(source), str(out), reader,
@@ -605,9 +606,17 @@ def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
     return {
         "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ", "activation_type": "QUInt8",
         "weight_type": "QInt8", "per_channel": True, "calibrate_method": "MinMax",
-        "calibration_images": int(reader.images), "calibration_split": "calibration",
-        "preprocessed": preprocessed, "opset": cfg.opset,
+        "calibration_images": int(reader.images), "preprocessed": preprocessed,
     }
+
+
+def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
+    """Static Q/DQ quantization with ONNX Runtime, calibrated on the calibration split (never val)."""
+    cfg: OnnxConfig = ctx.cfg.onnx
+    if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
+        raise ConfigError("data.calibration_size: the calibration split is empty; onnx.int8 needs calibration images")
+    info = quantize_int8(fp32, path, ctx.data.loader("calibration", ctx.cfg.data.batch_size), dynamic=cfg.dynamic_batch)
+    return {**info, "calibration_split": "calibration", "opset": cfg.opset}
 
 
 # --------------------------------------------------------------------------------------------

@@ -224,8 +224,19 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
         info["accuracy_control_data"] = "calibration"
     else:
         log.info("INT8: NNCF post-training quantization on %d calibration images (preset %s)", images, cfg.preset)
-        quantized = nncf.quantize(model, calibration, preset=preset, subset_size=steps)
+        quantized = quantize_int8(model, loader, preset=cfg.preset)
     return quantized, info
+
+
+def quantize_int8(model: "ov.Model", loader, *, preset: str = "performance") -> "ov.Model":
+    """NNCF post-training INT8 of an OpenVINO model over every batch of `loader` (`(images, ...)`).
+
+    Used by the stage (calibration split) and by the benchmarks.
+    """
+    import nncf
+
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
+    return nncf.quantize(model, nncf.Dataset(loader, _images), preset=presets[preset], subset_size=len(loader))
 
 
 def _benchmark_command(ctx: StageContext, xml: Path, runtime: OpenVINORuntime) -> str:

@@ -28,6 +28,8 @@ Inputs: `onnx`. Outputs: `trt_qdq` (`tensorrt/student_qdq.onnx`), `trt_calib_cac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shlex
@@ -154,14 +156,18 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fi
         if cfg.calibration == "percentile":
             extra["CalibPercentile"] = cfg.percentile
         out = Path(tmp) / "qdq.onnx"
-        quantize_static(
-            str(pre), str(out), reader,
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            per_channel=cfg.per_channel, reduce_range=False,
-            calibrate_method=getattr(CalibrationMethod, _METHODS[cfg.calibration]),
-            extra_options=extra,
-        )
+        chatter = io.StringIO()
+        # ORT's histogram calibrators print progress to stdout; keep it out of the user's terminal.
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                str(pre), str(out), reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                per_channel=cfg.per_channel, reduce_range=False,
+                calibrate_method=getattr(CalibrationMethod, _METHODS[cfg.calibration]),
+                extra_options=extra,
+            )
+        log.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
         if reader.images == 0:
             raise ConfigError("data.calibration_size: the calibration split gave no images; INT8 calibration needs some")
         model = onnx.load(str(out))

@@ -11,9 +11,11 @@ from pipeline.runner import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_STAG
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def test_every_config_key_is_in_the_reference():
+def test_every_config_key_is_in_the_reference_with_its_default():
     missing = [key for key, _, _ in reference_rows() if f"| `{key}` |" not in README]
     assert not missing, f"README config reference lacks: {missing}"
+    stale = [f"{key} = {default}" for key, default, _ in reference_rows() if f"| `{key}` | `{default}` |" not in README]
+    assert not stale, f"README config reference has other defaults than the code for: {stale}"
 
 
 def test_quickstart_has_exactly_two_commands_and_ci_uses_the_test_one():
