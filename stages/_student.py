@@ -23,6 +23,7 @@ from pipeline.config import ConfigError
 from pipeline.models import build_model
 
 if TYPE_CHECKING:
+    from pipeline.config import Config
     from pipeline.stage import StageContext
 
 PRUNED_FORMAT = "edge-mgd-pruned"
@@ -66,17 +67,22 @@ def rebuild_pruned(payload: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_student_file(path: Path, ctx: "StageContext") -> nn.Module:
-    """Load a `student`/`student_baseline` state dict or a `pruned` artifact as a torch module (CPU, eval)."""
+def load_student(path: Path, cfg: "Config", num_classes: int) -> nn.Module:
+    """Load a `student`/`student_baseline` state dict (architecture from `cfg.distill`) or a
+    `pruned` artifact (self-describing) as a torch module (CPU, eval)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if is_pruned_payload(obj):
         model = rebuild_pruned(obj)
     else:
-        cfg = ctx.cfg.distill
-        model = build_model(cfg.student, ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
-                            small_input=cfg.small_input)
+        model = build_model(cfg.distill.student, num_classes, image_size=cfg.data.image_size,
+                            small_input=cfg.distill.small_input)
         model.load_state_dict(obj, strict=True)
     return model.eval()
+
+
+def load_student_file(path: Path, ctx: "StageContext") -> nn.Module:
+    """:func:`load_student` with the stage's config and class count."""
+    return load_student(path, ctx.cfg, ctx.data.num_classes)
 
 
 def load_final_student(ctx: "StageContext") -> tuple[str, nn.Module]:
