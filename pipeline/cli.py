@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if cached (repeatable)")
     run.add_argument("--target", choices=("torch", "onnxruntime", "openvino", "tensorrt"),
                      help="run only the stages this deployment target needs")
+    run.add_argument("--rebuild-manifest", action="store_true",
+                     help="set a corrupt manifest.json aside (kept) and start a fresh one")
 
     val = sub.add_parser("validate", help="check a config (schema, data, models, checkpoints) without running")
     val.add_argument("config", help="path to pipeline.toml")
@@ -72,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config)
     opts = RunOptions(from_stage=args.from_stage, until_stage=args.until_stage, only=set(args.only),
-                      force=set(args.force), target=args.target)
+                      force=set(args.force), target=args.target, rebuild_manifest=args.rebuild_manifest)
     runner = Runner(cfg, opts)
     try:
         outcome = runner.run()

@@ -44,6 +44,12 @@ METRIC_UNITS: dict[str, dict[str, str]] = {
 }
 
 
+REBUILD_HINT = (
+    "run again with --rebuild-manifest to set it aside and start a fresh one "
+    "(stages re-run; training resumes from its per-epoch checkpoints)"
+)
+
+
 class ManifestError(ConfigError):
     """The manifest on disk cannot be trusted or read: a user-facing error (exit code 2)."""
 
@@ -205,18 +211,14 @@ class Manifest:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ManifestError(
-                f"{path} is corrupt ({exc}); move it away to start the run afresh "
-                "(finished stages will then re-run)"
-            ) from None
+            raise ManifestError(f"{path} is corrupt ({exc}); {REBUILD_HINT}") from None
         try:
             model = ManifestModel.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ManifestError(
-                f"{path} does not match the manifest format at {where}: {first['msg']}; "
-                "move it away to start the run afresh"
+                f"{path} does not match the manifest format at {where}: {first['msg']}; {REBUILD_HINT}"
             ) from None
         return cls(workdir, model)
 

@@ -28,7 +28,15 @@ from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
 from pipeline.config import Config, ConfigError
 from pipeline.lock import WorkdirLock
-from pipeline.manifest import Artifact, Manifest, StageRecord, artifact_record, verify_artifact
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    Artifact,
+    Manifest,
+    ManifestError,
+    StageRecord,
+    artifact_record,
+    verify_artifact,
+)
 from pipeline.stage import Stage, StageContext, StageUnavailable, load_stages
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ class RunOptions:
     only: set[str] = field(default_factory=set)
     force: set[str] = field(default_factory=set)
     target: str | None = None  # a key of TARGET_SKIPS: run only the stages that target needs
+    rebuild_manifest: bool = False  # set a corrupt manifest aside and start a fresh one
 
 
 # Deployment target -> the stages it does not need (they are left out of the run, not recorded).
@@ -242,9 +251,21 @@ class Runner:
         with lock:
             return self._run()
 
+    def _load_manifest(self) -> Manifest:
+        try:
+            return Manifest.load(self.cfg.workdir)
+        except ManifestError:
+            if not self.opts.rebuild_manifest:
+                raise
+        path = self.cfg.workdir / MANIFEST_NAME
+        aside = path.with_name(f"{MANIFEST_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)  # kept for inspection, never deleted
+        log.warning("manifest set aside as %s; starting a fresh one", aside.name)
+        return Manifest(self.cfg.workdir)
+
     def _run(self) -> RunOutcome:
         cfg = self.cfg
-        manifest = Manifest.load(cfg.workdir)
+        manifest = self._load_manifest()
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
         manifest.model.pipeline = {

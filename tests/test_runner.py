@@ -219,9 +219,20 @@ def test_corrupt_manifest_is_bad_input_and_left_alone(tmp_path, fake_stages):
     cfg = _cfg(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="corrupt"):
+    with pytest.raises(ConfigError, match="corrupt.*--rebuild-manifest"):
         _run(cfg)
     assert (tmp_path / "run" / "manifest.json").read_text() == "{not json"
+
+
+def test_rebuild_manifest_sets_the_corrupt_one_aside_and_runs(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text("{not json")
+    out = _run(_cfg(tmp_path), rebuild_manifest=True)
+    assert out.code == 0 and calls == {"teacher": 1, "distill": 1, "prune": 1}
+    [aside] = (tmp_path / "run").glob("manifest.json.corrupt-*")
+    assert aside.read_text() == "{not json"  # kept for inspection
+    assert Manifest.load(tmp_path / "run").stages["prune"].status == "ok"
 
 
 def test_every_registered_artifact_name_is_known():
