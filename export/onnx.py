@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from export.runtimes import OrtRuntime, TorchRuntime
-from pipeline import dist
+from pipeline import dist, faults
 from pipeline.config import ConfigError, OnnxConfig
 from pipeline.stage import Measure, StageContext, StageResult, register
 from stages._student import load_final_student
@@ -653,6 +653,7 @@ def run(ctx: StageContext) -> StageResult:
     result.outputs["onnx"] = path
     result.metrics["onnx"] = {**build.metrics, "source": source}
     result.measure["onnx"] = Measure(_ort(path, threads, cfg.dynamic_batch), model=student, path=path)
+    faults.point("onnx-export")  # the student's file is written, the rest is not
 
     if cfg.int8:
         int8 = outputs["onnx_int8"]

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from export.runtimes import OpenVINORuntime, OrtRuntime
+from pipeline import faults
 from pipeline.config import ConfigError, OpenVINOConfig
 from pipeline.stage import Measure, StageContext, StageResult, register
 
@@ -172,6 +173,7 @@ def _calibration_loader(ctx: StageContext, batch: int):
 
 def _images(item: tuple[Any, Any]) -> np.ndarray:
     """nncf.Dataset transform: a `(images, labels)` batch → the model input."""
+    faults.point("calibration")
     return item[0].numpy()
 
 

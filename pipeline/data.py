@@ -124,12 +124,20 @@ class ToRGB:
 
 
 def _load_rgb(path: str) -> Any:
-    """ImageFolder loader: open an image file and return it as RGB (module level: picklable)."""
+    """ImageFolder loader: open an image file and return it as RGB (module level: picklable).
+
+    Grayscale, palette and RGBA images are converted, so a folder mixing them is fine. An
+    unreadable file is a user error naming the file (exit code 2), not a traceback mid-epoch.
+    """
     from PIL import Image
 
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ConfigError(f"data.root: cannot read image {path} ({type(exc).__name__}: {exc}); "
+                          "remove or replace the file") from None
 
 
 def _flip_ok(cfg: DataConfig) -> bool:

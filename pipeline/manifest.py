@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline import faults
 from pipeline.config import ConfigError
 
 MANIFEST_NAME = "manifest.json"
@@ -152,8 +153,11 @@ def verify_artifact(art: Artifact, workdir: Path) -> str | None:
     return None
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes, *, crash_point: str | None = None) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix.
+
+    `crash_point` names a :mod:`pipeline.faults` point hit between the write and the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -162,6 +166,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if crash_point:
+            faults.point(crash_point)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -225,7 +231,7 @@ class Manifest:
     def save(self) -> None:
         """Write the manifest atomically."""
         data = json.dumps(self.model.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
-        atomic_write_bytes(self.path, data.encode("utf-8"))
+        atomic_write_bytes(self.path, data.encode("utf-8"), crash_point="manifest-write")
 
     def artifact_index(self) -> dict[str, tuple[str, Artifact]]:
         """Map every recorded output artifact name to (producing stage, record)."""

@@ -13,6 +13,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input, 3 a gate failed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import dist
+from pipeline import dist, faults
 from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
 from pipeline.config import Config, ConfigError
@@ -252,6 +253,10 @@ class Runner:
             return self._run()
 
     def _load_manifest(self) -> Manifest:
+        # A crash between writing the manifest's temp file and renaming it leaves the temp file;
+        # the manifest itself is intact (old or new). We hold the lock: nobody else is writing.
+        for stale in self.cfg.workdir.glob(f".{MANIFEST_NAME}.*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             return Manifest.load(self.cfg.workdir)
         except ManifestError:
@@ -316,6 +321,7 @@ class Runner:
             self._apply_gates(stage.name, record, manifest)
             manifest.stages[stage.name] = record
             _save(manifest)
+            faults.point("stage-recorded")
 
         manifest.model.ship = ship_mod.choose(manifest.model)
         _save(manifest)
@@ -421,6 +427,16 @@ class Runner:
                                seconds=time.perf_counter() - t0, **base), EXIT_OK
         except ConfigError as exc:
             return StageRecord(status="failed", reason=str(exc), ended=_now(),
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.debug("stage %s failed", stage.name, exc_info=True)
+                return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
+                                   seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+            # Writes are atomic, so nothing half-written was left; earlier artifacts are intact.
+            reason = (f"disk full while writing {exc.filename or 'an artifact'} ({exc.strerror}); free space under "
+                      f"{self.cfg.workdir} and run the same command again: finished stages are kept")
+            return StageRecord(status="failed", reason=reason, ended=_now(),
                                seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
         except Exception as exc:  # a stage failure is recorded, never lost in a traceback
             log.debug("stage %s failed", stage.name, exc_info=True)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import dist
-from pipeline.config import OptimConfig
+from pipeline import dist, faults
+from pipeline.config import ConfigError, OptimConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import atomic_write_bytes
 from pipeline.ui import progress
@@ -78,8 +78,14 @@ def loaders(ctx: "StageContext") -> tuple[torch.utils.data.DataLoader, torch.uti
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, shuffle=True, seed=seed)
+    n = len(sampler) if sampler is not None else len(data.train)  # images per rank and epoch
+    if n < 2:
+        raise ConfigError(f"data: the training split has {n} image(s) (train_fraction = {cfg.train_fraction}); "
+                          "training needs at least 2")
+    # A last batch of ONE image breaks BatchNorm in training mode; drop only that one, so every
+    # other dataset size trains on exactly the images it has.
     train = data.loader("train", cfg.batch_size, seed=seed, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=ctx.device.type == "cuda")
+                        pin_memory=ctx.device.type == "cuda", drop_last=n % cfg.batch_size == 1)
     return train, data.loader("val", cfg.batch_size, num_workers=cfg.num_workers)
 
 
@@ -207,6 +213,7 @@ def fit(
                 else:
                     opt.step()
                 sched.step()
+                faults.point("train-step")
                 n = labels.numel()
                 loss_sum += loss.item() * n
                 correct += int((logits.argmax(1) == labels).sum())

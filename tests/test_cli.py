@@ -52,6 +52,21 @@ BAD_INPUTS = {
     "mismatched_checkpoint": ("[teacher]\nweights = 'r34.pt'\n", "r34.pt"),
     "workdir_not_writable": ("[pipeline]\nworkdir = 'afile/run'\n", "pipeline.workdir"),
     "cuda_without_gpu": ("[pipeline]\ndevice = 'cuda:7'\n", "pipeline.device"),
+    "bad_device": ("[pipeline]\ndevice = 'tpu'\n", "pipeline.device"),
+    "negative_epochs": ("[teacher]\nepochs = -1\n", "teacher.epochs = -1"),
+    "mask_ratio_one": ("[distill.mgd]\nmask_ratio = 1.0\n", "distill.mgd.mask_ratio = 1.0"),
+    "prune_ratio_zero": ("[prune]\nratio = 0\n", "prune.ratio = 0"),
+    "prune_ratio_one": ("[prune]\nratio = 1\n", "prune.ratio = 1"),
+    "unknown_teacher_layer": ("[distill.mgd]\nteacher_layers = ['layer5']\n", "layer5"),
+    "spatial_mismatch": ("[distill.mgd]\nteacher_layers = ['layer3']\n", "same spatial size"),
+    "layer_count_mismatch": ("[distill.mgd]\nteacher_layers = ['layer3', 'layer4']\n", "paired in order"),
+    "unknown_prune_layer": ("[prune]\nenabled = true\nignore_layers = ['layer9']\n", "layer9"),
+    "unknown_budget_artifact": ("[gates.latency_ms]\nopenvino_int4 = 1.0\n", "openvino_int4"),
+    "bad_precision": ("[openvino]\nprecisions = ['int4']\n", "openvino.precisions"),
+    "bad_calibration": ("[tensorrt]\ncalibration = 'kl'\n", "tensorrt.calibration"),
+    "imagefolder_without_root": ("[data]\nsource = 'imagefolder'\n", "data.root"),
+    "single_class_imagefolder": ("[data]\nsource = 'imagefolder'\nroot = 'one'\n", "at least 2"),
+    "empty_class_folder": ("[data]\nsource = 'imagefolder'\nroot = 'hollow'\n", "no images"),
 }
 
 
@@ -61,6 +76,10 @@ def test_bad_input_one_line_exit_2_manifest_untouched(case, tmp_path, tiny_confi
         pytest.skip("this machine has 8 GPUs")
     extra, expected = BAD_INPUTS[case]
     _png_tree(tmp_path / "imgs", {"train": ["cat", "dog"], "val": ["cat", "bird"]})
+    _png_tree(tmp_path / "one", {"train": ["cat"], "val": ["cat"]})
+    _png_tree(tmp_path / "hollow", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    for f in (tmp_path / "hollow" / "val" / "dog").iterdir():
+        f.unlink()
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pt")
     (tmp_path / "afile").write_text("a file where a directory should be")
@@ -91,9 +110,12 @@ def test_validate_command(tiny_config, capsys):
     assert cli.main(["validate", str(tiny_config(extra="[prune]\nratio = 0\n"))]) == 2
 
 
+TEACHER_ONLY = "[onnx]\nenabled = false\n[openvino]\nenabled = false\n[tensorrt]\nenabled = false\n"
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
-    path = tiny_config()
+    path = tiny_config(TEACHER_ONLY)
     first = cli("run", str(path))
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -129,7 +151,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
     assert rec3["outputs"]["teacher"]["bytes"] > 1000
 
     # A gate that cannot pass: exit 3, the gate named with value and budget.
-    gated = tiny_config(extra="[gates.latency_ms]\nteacher = 0.0001\n", name="gated.toml")
+    gated = tiny_config(extra=TEACHER_ONLY + "[gates.latency_ms]\nteacher = 0.0001\n", name="gated.toml")
     fourth = cli("run", str(gated))
     assert fourth.returncode == 3, fourth.stderr[-2000:]
     assert "latency_ms FAILED on teacher" in fourth.stderr and "budget <= 0.0001" in fourth.stderr
@@ -189,3 +211,46 @@ def test_build_engine_without_a_qdq_model_is_one_clear_line(tmp_path, cli):
 def test_unknown_target_is_rejected(tiny_config, cli):
     proc = cli("run", str(tiny_config()), "--target", "jetson")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_bad_image_mid_run_is_one_line_exit_2_and_keeps_earlier_work(tmp_path, tiny_config, cli):
+    """A corrupt file in an ImageFolder tree is only met when training reads it: the stage fails
+    with the file named (exit 2), and the run can go on once it is replaced."""
+    from PIL import Image
+
+    _png_tree(tmp_path / "imgs", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    Image.new("L", (10, 10), 128).save(tmp_path / "imgs" / "train" / "dog" / "gray.png")  # grayscale among RGB: fine
+    Image.new("RGBA", (10, 10), (0, 9, 0, 9)).save(tmp_path / "imgs" / "train" / "cat" / "alpha.png")
+    bad = tmp_path / "imgs" / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    path = tiny_config("[data]\nsource = 'imagefolder'\nroot = 'imgs'\nimage_size = 8\ntrain_fraction = 1.0\n"
+                       "calibration_size = 4\n" + TEACHER_ONLY)
+    proc = cli("run", str(path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot read image" in proc.stderr and "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+    bad.unlink()
+    again = cli("run", str(path))
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_disk_full_on_artifact_write_is_exit_2_and_loses_nothing(tmp_path, tiny_config, monkeypatch, capsys):
+    import errno
+
+    from stages import _train
+
+    path = tiny_config(TEACHER_ONLY)
+    assert cli.main(["run", str(path), "--until", "teacher"]) == 0
+    manifest = tmp_path / "run" / "manifest.json"
+    teacher = json.loads(manifest.read_text())["stages"]["teacher"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "distill" / "student.pt"))
+
+    monkeypatch.setattr(_train, "atomic_write_bytes", full)
+    capsys.readouterr()
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "disk full while writing" in err and "student.pt" in err and "Traceback" not in err
+    after = json.loads(manifest.read_text())["stages"]
+    assert after["teacher"] == teacher  # finished work untouched
+    assert after["distill"]["status"] == "failed"
