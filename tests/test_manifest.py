@@ -83,3 +83,17 @@ def test_hand_edited_manifest_with_bad_status(tmp_path):
 
 def test_missing_manifest_is_empty(tmp_path):
     assert Manifest.load(tmp_path).stages == {}
+
+
+@pytest.mark.parametrize("change", ["edit_bin", "delete_bin"])
+def test_openvino_ir_is_hashed_with_its_weights(tmp_path, change):
+    xml, weights = tmp_path / "m.xml", tmp_path / "m.bin"
+    xml.write_text("<net/>")
+    weights.write_bytes(b"\x00" * 16)
+    rec = mf.artifact_record(xml, tmp_path)
+    assert rec.bytes == 6 + 16 and mf.verify_artifact(rec, tmp_path) is None
+    if change == "edit_bin":
+        weights.write_bytes(b"\x01" + b"\x00" * 15)  # same size, other weights
+    else:
+        weights.unlink()
+    assert mf.verify_artifact(rec, tmp_path) is not None

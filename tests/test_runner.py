@@ -113,11 +113,17 @@ def test_changing_data_reruns_everything(tmp_path, fake_stages):
     assert calls == {"teacher": 2, "distill": 2, "prune": 2}
 
 
-def test_tampered_output_reruns_that_stage_and_after(tmp_path, fake_stages):
+@pytest.mark.parametrize("rot", ["edit", "truncate", "delete"])
+def test_tampered_output_reruns_that_stage_and_after(tmp_path, fake_stages, rot):
     calls, _ = fake_stages
     out = _run(_cfg(tmp_path))
     path = tmp_path / "run" / out.manifest.stages["distill"].outputs["student"].path
-    path.write_bytes(b"evil")
+    if rot == "edit":
+        path.write_bytes(b"evil")
+    elif rot == "truncate":
+        path.write_bytes(path.read_bytes()[:3])
+    else:
+        path.unlink()
     _run(_cfg(tmp_path))
     assert calls == {"teacher": 1, "distill": 2, "prune": 2}
 
