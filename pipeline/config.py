@@ -9,6 +9,7 @@ path, the bad value and what is allowed; never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -250,7 +251,9 @@ class Config(_Section):
     def resolve(self, path: str) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (self._base_dir / p)
+        # normpath folds "configs/../runs" into "runs" (printed paths stay readable); symlinks
+        # are left alone, unlike Path.resolve.
+        return Path(os.path.normpath(p if p.is_absolute() else (self._base_dir / p)))
 
     @property
     def workdir(self) -> Path:
