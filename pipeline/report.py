@@ -826,12 +826,17 @@ def summary_table(manifest: Manifest, stages: list[str] | None = None) -> Table:
     return table
 
 
-def _cached(rec: StageRecord, run_started: str) -> str:
-    """'yes' when the record predates the last run (re-used from the cache, or not selected),
-    'no' when the stage ran in the last run; the manifest stores times, not cache hits. Only
-    records the cache can re-use (ok, gate_failed, unavailable) can be cached."""
+def _cached(rec: StageRecord, run_started: str, last_run: dict | None = None, name: str = "") -> str:
+    """Whether the last run re-used this stage from the cache: from the runner's `last_run`
+    record ('yes', 'no', or 'not run' for a stage the last run did not visit); manifests
+    written before that record existed fall back to comparing timestamps. Only records the
+    cache can re-use (ok, gate_failed, unavailable) can be cached."""
     if rec.status not in ("ok", "gate_failed", "unavailable"):
         return "—"
+    if isinstance(last_run, dict) and name:
+        if name in last_run.get("cached", []):
+            return "yes"
+        return "no" if name in last_run.get("visited", []) else "not run"
     try:
         ended, started = datetime.fromisoformat(rec.ended), datetime.fromisoformat(run_started)
     except (TypeError, ValueError):
@@ -850,7 +855,7 @@ def status_view(manifest: Manifest) -> Group:
                           overflow="fold", ratio=3 if col == "reason" else None)
     for name, rec in ordered_stages(manifest):
         style = _STATUS_STYLE.get(rec.status, "")
-        stages.add_row(escape(name), f"[{style}]{escape(rec.status)}[/]", _cached(rec, str(p.get("updated", ""))),
+        stages.add_row(escape(name), f"[{style}]{escape(rec.status)}[/]", _cached(rec, str(p.get("updated", "")), p.get("last_run"), name),
                        escape(rec.key[:12]) or "—", escape(rec.ended) or "—",
                        f"{rec.seconds:.1f}" if rec.seconds else "—", escape(rec.reason))
     parts: list[Any] = [stages]

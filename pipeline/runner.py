@@ -284,6 +284,9 @@ class Runner:
         outcome = RunOutcome(code=EXIT_OK, manifest=manifest, visited=[])
         data_holder: dict[str, object] = {}
         rerun_rest = False  # once a stage re-ran, everything after it re-runs
+        cached: list[str] = []
+        # What this run did with each stage, for `status` and the report.
+        manifest.model.pipeline["last_run"] = {"visited": outcome.visited, "cached": cached}
 
         for stage in self.stages:
             if stage.name not in self.selected:
@@ -307,6 +310,7 @@ class Runner:
             why = self._why_rerun(stage, old, key, rerun_rest, manifest)
             if why is None:
                 log.info("stage %s: cached (key %s…), outputs verified", stage.name, key[:12])
+                cached.append(stage.name)
                 record = old
             else:
                 log.info("stage %s: running (%s)", stage.name, why)

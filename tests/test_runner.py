@@ -97,6 +97,9 @@ def test_first_run_then_everything_cached(tmp_path, fake_stages):
     out2 = _run(_cfg(tmp_path))
     assert out2.code == 0 and calls == {"teacher": 1, "distill": 1, "prune": 1}
     assert out2.manifest.stages["distill"].started == rec.started
+    assert out.manifest.model.pipeline["last_run"]["cached"] == []
+    assert out2.manifest.model.pipeline["last_run"] == {"visited": ["teacher", "distill", "prune"],
+                                                       "cached": ["teacher", "distill", "prune"]}
 
 
 def test_changing_a_later_table_reruns_only_from_there(tmp_path, fake_stages):
