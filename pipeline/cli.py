@@ -7,6 +7,7 @@ manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no tr
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -148,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The manifest is written atomically: the one on disk is still the previous, valid one.
+        console.print(f"[red]error:[/] disk full ({escape(str(exc.filename or exc))}); free space and run the same "
+                      "command again: finished stages are kept", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages and epochs are saved; run the same command to resume")

@@ -254,3 +254,22 @@ def test_disk_full_on_artifact_write_is_exit_2_and_loses_nothing(tmp_path, tiny_
     after = json.loads(manifest.read_text())["stages"]
     assert after["teacher"] == teacher  # finished work untouched
     assert after["distill"]["status"] == "failed"
+
+
+def test_disk_full_on_manifest_write_is_one_line_exit_2(tmp_path, tiny_config, monkeypatch, capsys):
+    import errno
+
+    from pipeline import manifest as mf
+
+    real = mf.atomic_write_bytes
+
+    def full(path, data, **kwargs):
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(mf, "atomic_write_bytes", full)
+    capsys.readouterr()
+    assert cli.main(["run", str(tiny_config(TEACHER_ONLY)), "--until", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert "disk full" in err and "manifest.json" in err and "Traceback" not in err
