@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import re
 import tempfile
 import traceback
@@ -44,6 +43,7 @@ from torch import nn
 from export.runtimes import OrtRuntime, TorchRuntime
 from pipeline import dist, faults
 from pipeline.config import ConfigError, OnnxConfig
+from pipeline.manifest import atomic_write_bytes
 from pipeline.stage import Measure, StageContext, StageResult, register
 from stages._student import load_final_student
 from stages.teacher import build_teacher
@@ -112,24 +112,15 @@ def _publish(model: "onnx.ModelProto", path: Path) -> None:
         raise OnnxExportError(
             f"{path.name}: the model is too large for a single ONNX file (protobuf limit 2 GiB): {exc}"
         ) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def check(tmp: Path) -> None:
         try:
-            onnx.checker.check_model(tmp, full_check=True)
+            onnx.checker.check_model(str(tmp), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxExportError(f"{path.name} fails onnx.checker (full check): {first}") from exc
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write_bytes(path, data, check=check)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -153,10 +153,13 @@ def verify_artifact(art: Artifact, workdir: Path) -> str | None:
     return None
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, crash_point: str | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, check: Callable[[Path], None] | None = None,
+                       crash_point: str | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix.
 
-    `crash_point` names a :mod:`pipeline.faults` point hit between the write and the rename.
+    `check(temp_path)` runs on the written temp file before the rename: if it raises, the
+    file never appears under its final name. `crash_point` names a :mod:`pipeline.faults`
+    point hit between the write and the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, crash_point: str | None = Non
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         if crash_point:
             faults.point(crash_point)
         os.replace(tmp, path)
