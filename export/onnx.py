@@ -534,24 +534,30 @@ def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndar
 # --------------------------------------------------------------------------------------------
 
 
-def _calibration_reader(batches: Iterable, input_name: str, dynamic: bool):
-    """An onnxruntime CalibrationDataReader over calibration-split batches (counts the images)."""
+def calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None = None):
+    """An onnxruntime CalibrationDataReader over `(images, ...)` batches, counting the images.
+
+    Shared by the ORT INT8 build here and the TensorRT Q/DQ build.
+
+    A model with a fixed batch size is fed that many images per call.
+    """
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.images = 0
-            self._it = iter(batches)
+            self._batches = iter(batches)
             self._pending: list[np.ndarray] = []
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if not self._pending:
-                batch = next(self._it, None)
-                if batch is None:
+            while not self._pending:
+                item = next(self._batches, None)
+                if item is None:
                     return None
-                x = batch[0].detach().cpu().numpy().astype(np.float32, copy=False)
-                # A fixed-batch model takes one image per feed.
-                self._pending = [x] if dynamic else [x[i : i + 1] for i in range(len(x))]
+                x = item[0].detach().cpu().numpy().astype(np.float32, copy=False)
+                step = fixed_batch or len(x)
+                # A remainder smaller than a fixed batch cannot be fed; it is dropped.
+                self._pending = [x[i : i + step] for i in range(0, len(x), step) if len(x[i : i + step]) == step]
             x = self._pending.pop(0)
             self.images += len(x)
             return {input_name: np.ascontiguousarray(x)}
@@ -582,7 +588,7 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
             source, preprocessed = pre, True
         except Exception as exc:  # noqa: BLE001 - optional step: quantize the plain export instead
             log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", _first_line(exc))
-        reader = _calibration_reader(batches, INPUT_NAME, dynamic)
+        reader = calibration_reader(batches, INPUT_NAME, None if dynamic else 1)  # a fixed-batch export takes one image
         out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(source), str(out), reader,

@@ -36,10 +36,11 @@ import shlex
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.onnx import calibration_reader
 from export.runtimes import OrtRuntime, TensorRTRuntime
 from pipeline.config import ConfigError, DataConfig, TensorRTConfig
 from pipeline.manifest import Manifest, atomic_write_bytes, verify_artifact
@@ -102,35 +103,6 @@ def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tupl
     return tuple(fallback)
 
 
-def _calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None):
-    """An onnxruntime CalibrationDataReader over calibration-split batches, counting the images.
-
-    A model with a fixed batch size is fed that many images per call.
-    """
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.images = 0
-            self._batches = iter(batches)
-            self._pending: list[np.ndarray] = []
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            while not self._pending:
-                item = next(self._batches, None)
-                if item is None:
-                    return None
-                x = item[0].detach().cpu().numpy().astype(np.float32, copy=False)
-                step = fixed_batch or len(x)
-                # A remainder smaller than a fixed batch cannot be fed; it is dropped.
-                self._pending = [x[i : i + step] for i in range(0, len(x), step) if len(x[i : i + step]) == step]
-            x = self._pending.pop(0)
-            self.images += len(x)
-            return {input_name: np.ascontiguousarray(x)}
-
-    return _Reader()
-
-
 def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fixed_batch: int | None) -> int:
     """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically); return the image count."""
     import onnx
@@ -143,7 +115,7 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fi
         # tensor names must be those of the FP32 ONNX that `trtexec --calib` reads.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(source), str(pre), skip_optimization=True)
-        reader = _calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch)
+        reader = calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch)
         extra: dict[str, Any] = {
             "ActivationSymmetric": True,  # zero point 0: TensorRT rejects asymmetric INT8
             "WeightSymmetric": True,
