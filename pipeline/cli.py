@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from pipeline import config as config_mod
-from pipeline.config import ConfigError
+from pipeline.errors import LibraryError, UserError
 from pipeline.ui import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": _run, "validate": _validate, "report": _report, "status": _status,
                     "build-engine": _build_engine}
         return commands[args.command](args)
-    except ConfigError as exc:
+    except UserError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
+    except LibraryError as exc:  # not the user's mistake: say which library, and that it is not a config error
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 1
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

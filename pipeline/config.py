@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the name users of this module know
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 # One name per concept: every artifact a stage may produce. Gates keyed by artifact name are
@@ -35,9 +36,6 @@ ARTIFACT_NAMES = (
     "trt_engine",
 )
 
-
-class ConfigError(ValueError):
-    """A user mistake in the config or its inputs: printed as one line, exit code 2."""
 
 
 class _Section(BaseModel):

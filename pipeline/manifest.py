@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import faults
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -51,8 +51,11 @@ REBUILD_HINT = (
 )
 
 
-class ManifestError(ConfigError):
-    """The manifest on disk cannot be trusted or read: a user-facing error (exit code 2)."""
+class ManifestError(UserError):
+    """The manifest on disk cannot be trusted or read (exit code 2: the user decides what to do).
+
+    Not a config error: the message says how to set the manifest aside and start again.
+    """
 
 
 class Artifact(BaseModel):
@@ -73,6 +76,32 @@ class GateResult(BaseModel):
     message: str = ""
 
 
+class ArtifactRole(BaseModel):
+    """What an artifact is, as its stage declares it: the runner, gates, ship choice, `--target`
+    and the report derive everything from these fields, never from artifact names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: Literal["teacher", "student", "baseline", "none"] = Field(
+        "student",
+        description="Whose build this is: the teacher's and the baseline student's are references (never gated "
+                    "or shipped); 'none' is a file that is not a model (a calibration cache).",
+    )
+    runtime: str | None = Field(None, description="Where it runs and is measured: torch | onnxruntime | openvino | tensorrt.")
+    precision: str | None = Field(None, description="fp32 | int8")
+    target: str | None = Field(None, description="The deployment target it ships to; None: never shipped.")
+    fp32: str | None = Field(None, description="An INT8 build's FP32 counterpart on the same runtime.")
+    supersedes: str | None = Field(None, description="An artifact this one replaces as ship candidate when both exist.")
+    latency_note: str | None = Field(
+        None, description="Set when the measured latency is not the target's (e.g. a TensorRT model timed on "
+                          "ONNX Runtime CPU): the build is never latency-gated and the note is shown with its figures.",
+    )
+
+    @property
+    def reference(self) -> bool:
+        """Measured for comparison only: the teacher's builds and the baseline student."""
+        return self.model in ("teacher", "baseline")
+
+
 class StageRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Status
@@ -83,6 +112,7 @@ class StageRecord(BaseModel):
     outputs: dict[str, Artifact] = {}
     metrics: dict[str, Any] = {}
     reference: list[str] = Field([], description="Metric entries measured for comparison only; gates skip them.")
+    artifacts: dict[str, ArtifactRole] = Field({}, description="Each declared artifact's role (runtime, precision, target, ...).")
     history: dict[str, list[dict[str, float]]] = Field({}, description="Per-epoch training curves per artifact.")
     warnings: list[str] = []
     unavailable: dict[str, str] = Field({}, description="Artifacts this machine could not build or measure, and why.")

@@ -28,6 +28,7 @@ from pipeline import dist, faults
 from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
 from pipeline.config import Config, ConfigError
+from pipeline.errors import UserError
 from pipeline.lock import WorkdirLock
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -429,7 +430,7 @@ class Runner:
         except StageUnavailable as exc:
             return StageRecord(status="unavailable", reason=str(exc), ended=_now(),
                                seconds=time.perf_counter() - t0, **base), EXIT_OK
-        except ConfigError as exc:
+        except UserError as exc:
             return StageRecord(status="failed", reason=str(exc), ended=_now(),
                                seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
         except OSError as exc:
