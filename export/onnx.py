@@ -1,19 +1,21 @@
 """ONNX stage: export the final student (and the teacher) to ONNX, prove parity, build INT8.
 
 The student a deployment starts from (`pruned` when pruning ran, else the distilled
-`student`) is exported to one self-contained ONNX file (input `input`, output `logits`,
-optional dynamic batch axis), checked with `onnx.checker` (full check), optionally simplified
-with onnxslim and checked again. Parity is then proven on real validation images: ONNX Runtime
-CPU logits against torch eager logits (max abs difference and top-1 agreement, failing the
-stage beyond `[onnx] parity_atol` / `parity_min_agreement`; the tolerance is never below
-float32 rounding at the logits' magnitude), and the dynamic batch axis is checked to give the
-same logits per image at batch 1 and batch N.
+`student`) is exported to one self-contained ONNX file (input `input`, outputs named by the
+task, e.g. `logits`; optional dynamic batch axis), checked with `onnx.checker` (full check),
+optionally simplified with onnxslim and checked again. Parity is then proven on real validation
+images: ONNX Runtime CPU raw outputs against torch eager's (max abs difference and the task's
+prediction agreement, e.g. top-1 for classification, failing the stage beyond `[onnx]
+parity_atol` / `parity_min_agreement`; the tolerance is never below float32 rounding at the
+outputs' magnitude), and the dynamic batch axis is checked to give the same outputs per image
+at batch 1 and batch N.
 
 With `[onnx] int8 = true`, ONNX Runtime's static post-training quantization builds a Q/DQ
 model (QUInt8 activations, per-channel QInt8 weights) calibrated on the *calibration* split
 (training images, never evaluation ones). With `[onnx] export_teacher = true` the teacher is
-exported with the same checks, as the same-runtime reference for speedups (DESIGN.md,
-"Latency").
+exported with the same checks, as the same-runtime reference for speedups: at small inputs
+torch eager is dominated by per-op overhead, so only a comparison on one runtime says what
+compression bought.
 
 An export that fails on an operator the exporter cannot translate raises
 :class:`UnsupportedOperatorError` naming the operator and the module (its qualified name in the
@@ -40,13 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runtimes import OrtRuntime, TorchRuntime
+from export.calibration import calibration_reader
+from export.runtimes import OrtRuntime
 from pipeline import dist, faults
 from pipeline.config import ConfigError, OnnxConfig
-from pipeline.manifest import atomic_write_bytes
+from pipeline.errors import LibraryError
+from pipeline.manifest import ArtifactRole, atomic_write_bytes
+from pipeline.run_models import build_teacher, load_final_student
 from pipeline.stage import Measure, StageContext, StageResult, register
-from stages._student import load_final_student
-from stages.teacher import build_teacher
+from pipeline.tasks import Task
+from pipeline.torch_runtime import TorchRuntime
 
 if TYPE_CHECKING:
     import onnx
@@ -59,7 +64,6 @@ STUDENT_FILE = "student.onnx"
 INT8_FILE = "student_int8.onnx"
 TEACHER_FILE = "teacher.onnx"
 INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 PARITY_IMAGES = 256  # val images compared between torch and ONNX Runtime
 BATCH_CHECK_IMAGES = 8  # images run one by one to prove the dynamic batch axis
 # The torch.export-based exporter translates to opset 18 and only down-converts (often
@@ -72,8 +76,11 @@ FLOAT32_ULPS = 64
 _TRACE_CAVEAT = "the TorchScript tracer bakes in data-dependent control flow: check the model has none"
 
 
-class OnnxExportError(RuntimeError):
-    """The model could not be exported to ONNX (a failure of the stage, not of the config)."""
+class OnnxExportError(LibraryError):
+    """The model could not be exported to ONNX (the exporter failed: not a mistake in the config)."""
+
+    def __init__(self, message: str):
+        super().__init__("the ONNX exporter", message)
 
 
 class UnsupportedOperatorError(OnnxExportError):
@@ -149,9 +156,10 @@ def _exporters(opset: int) -> list[str]:
 
 
 def _run_exporter(exporter: str, model: nn.Module, example: torch.Tensor, file: Path, opset: int,
-                  dynamic: bool) -> None:
+                  dynamic: bool, output_names: tuple[str, ...]) -> None:
     params = _export_params()
-    kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset)
+    batch_axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
     if exporter == "dynamo":
         kwargs.update(dynamo=True, verbose=False)
         if "external_data" in params:
@@ -165,12 +173,12 @@ def _run_exporter(exporter: str, model: nn.Module, example: torch.Tensor, file: 
                 # A tuple matches the positional arguments, whatever the forward's parameter is called.
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
             else:
-                kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+                kwargs["dynamic_axes"] = batch_axes
     else:
         if "dynamo" in params:
             kwargs["dynamo"] = False
         if dynamic:
-            kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+            kwargs["dynamic_axes"] = batch_axes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation and tracer warnings: the checks below judge the result
         torch.onnx.export(model, (example,), str(file), **kwargs)
@@ -181,7 +189,7 @@ def _opset_of(model: "onnx.ModelProto") -> int:
 
 
 def _export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic: bool,
-            work_dir: Path) -> tuple["onnx.ModelProto", str, str | None]:
+            work_dir: Path, output_names: tuple[str, ...]) -> tuple["onnx.ModelProto", str, str | None]:
     """Export `model` (eval mode, CPU); return `(ModelProto with weights inline, exporter, fallback)`.
 
     `fallback` is None when the preferred exporter worked, else why it did not.
@@ -199,7 +207,7 @@ def _export(model: nn.Module, input_shape: tuple[int, ...], opset: int, dynamic:
         with tempfile.TemporaryDirectory(dir=work_dir, prefix=".export-") as tmp:
             file = Path(tmp) / "model.onnx"
             try:
-                _run_exporter(exporter, model, example, file, opset, dynamic)
+                _run_exporter(exporter, model, example, file, opset, dynamic, output_names)
                 # onnx.load pulls in any external-data sidecar from the temp dir; the dir
                 # (sidecar included) is deleted on leaving the block.
                 proto = onnx.load(str(file))
@@ -369,43 +377,41 @@ def _diagnose(model: nn.Module, example: torch.Tensor, opset: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _tolerance(atol: float, reference: np.ndarray) -> float:
-    """`atol`, raised to the float32 resolution floor at the reference's logit magnitude.
+def _tolerance(atol: float, scale: float) -> float:
+    """`atol`, raised to the float32 resolution floor at the reference outputs' magnitude `scale`.
 
     Reordered float32 sums differ by a few ulps, and an ulp grows with the value: at logits
     near 2,000 one ulp is 2.4e-4, so a 1e-3 tolerance there would test rounding, not the
     export. For ordinary logits (|x| below ~100) the floor is under 1e-3 and `atol` rules.
     """
-    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     return max(atol, FLOAT32_ULPS * float(np.finfo(np.float32).eps) * scale)
 
 
-def _parity(reference: np.ndarray, candidate: np.ndarray, *, atol: float, min_agreement: float,
-            what: str = "onnx") -> dict[str, float | int]:
-    """Compare logits of the exported model (`candidate`) with torch's (`reference`).
+def parity_metrics(task: Task, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, atol: float,
+                   min_agreement: float, what: str = "onnx", against: str = "torch") -> dict[str, float | int]:
+    """Compare the exported model's raw outputs (`candidate`) with `against`'s (`reference`).
 
-    Returns `parity_max_abs_diff`, `parity_top1_agreement` (fraction of images with the same
-    top-1 class), `parity_tolerance` (the allowed difference, see :func:`_tolerance`) and
-    `parity_images`; raises :class:`ParityError` giving both figures and the config key to
+    Returns `parity_max_abs_diff`, `parity_<agreement>` (the task's: `parity_top1_agreement`
+    for classification), `parity_tolerance` (the allowed difference, see :func:`_tolerance`)
+    and `parity_images`; raises :class:`ParityError` giving both figures and the config key to
     change when the difference exceeds the tolerance or the agreement is below `min_agreement`.
     """
-    reference = np.asarray(reference, dtype=np.float32)
-    candidate = np.asarray(candidate, dtype=np.float32)
-    if reference.shape != candidate.shape or reference.size == 0:
-        raise ParityError(f"{what} parity: output shape {candidate.shape} vs torch {reference.shape}")
-    diff = float(np.max(np.abs(reference - candidate)))
-    agree = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-    tol = _tolerance(atol, reference)
-    figures = f"max abs logit difference {diff:.3g}, top-1 agreement {agree:.4f} on {len(reference)} val images"
-    if not diff <= tol:  # also catches NaN
-        floor = f"; float32 floor at logits up to {np.max(np.abs(reference)):.3g}: {tol:.3g}" if tol > atol else ""
-        raise ParityError(f"{what} parity vs torch failed: {figures}; the difference exceeds onnx.parity_atol = {atol:g}"
-                          f"{floor} (raise onnx.parity_atol if this is acceptable)")
-    if not agree >= min_agreement:
-        raise ParityError(f"{what} parity vs torch failed: {figures}; the agreement is below "
+    try:
+        p = task.parity(reference, candidate)
+    except ValueError as exc:
+        raise ParityError(f"{what} parity vs {against}: {exc}") from None
+    agreement = task.agreement.replace("_", " ")
+    tol = _tolerance(atol, p.scale)
+    figures = f"max abs output difference {p.max_abs_diff:.3g}, {agreement} {p.agreement:.4f} on {p.count} val images"
+    if not p.max_abs_diff <= tol:  # also catches NaN
+        floor = f"; float32 floor at outputs up to {p.scale:.3g}: {tol:.3g}" if tol > atol else ""
+        raise ParityError(f"{what} parity vs {against} failed: {figures}; the difference exceeds onnx.parity_atol = "
+                          f"{atol:g}{floor} (raise onnx.parity_atol if this is acceptable)")
+    if not p.agreement >= min_agreement:
+        raise ParityError(f"{what} parity vs {against} failed: {figures}; the agreement is below "
                           f"onnx.parity_min_agreement = {min_agreement:g} (lower it if this is acceptable)")
-    return {"parity_max_abs_diff": diff, "parity_top1_agreement": agree, "parity_tolerance": tol,
-            "parity_images": int(len(reference))}
+    return {"parity_max_abs_diff": p.max_abs_diff, f"parity_{task.agreement}": p.agreement, "parity_tolerance": tol,
+            "parity_images": int(p.count)}
 
 
 def _val_images(ctx: StageContext, limit: int = PARITY_IMAGES) -> np.ndarray:
@@ -422,18 +428,20 @@ def _val_images(ctx: StageContext, limit: int = PARITY_IMAGES) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def _predict(runtime: Any, images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([runtime.predict(images[i : i + batch]) for i in range(0, len(images), batch)])
+def run_batches(runtime: Any, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """Every raw output of `runtime` on `images`, run `batch` images at a time, concatenated per output."""
+    parts = [runtime.outputs(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
 
 
 def _check_dynamic_batch(runtime: OrtRuntime, images: np.ndarray, atol: float, what: str) -> float:
-    """Batch 1 and batch N must give the same logits per image; returns the max abs difference."""
+    """Batch 1 and batch N must give the same outputs per image; returns the max abs difference."""
     x = images[:BATCH_CHECK_IMAGES]
-    batched = runtime.predict(x)
-    single = np.concatenate([runtime.predict(x[i : i + 1]) for i in range(len(x))])
-    diff = float(np.max(np.abs(batched - single)))
+    batched = runtime.outputs(x)
+    single = run_batches(runtime, x, 1)
+    diff = max(float(np.max(np.abs(batched[n] - single[n]))) for n in batched)
     if not diff <= atol:
-        raise ParityError(f"{what}: logits at batch {len(x)} differ from batch 1 by {diff:.3g} > {atol:.3g} "
+        raise ParityError(f"{what}: outputs at batch {len(x)} differ from batch 1 by {diff:.3g} > {atol:.3g} "
                           "(onnx.parity_atol); the dynamic batch axis is broken (set onnx.dynamic_batch = false to "
                           "export a fixed batch)")
     return diff
@@ -450,13 +458,15 @@ class _FixedBatchOrtRuntime(OrtRuntime):
         """One input feed per image."""
         return [super(_FixedBatchOrtRuntime, self).prepare(batch[i : i + 1]) for i in range(len(batch))]
 
-    def infer(self, prepared: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        """The images one after another; the first output of each, in order."""
-        return [self.session.run(None, feed)[0] for feed in prepared]
+    def infer(self, prepared: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        """The images one after another; every output of each, in order."""
+        return [self.session.run(None, feed) for feed in prepared]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes)."""
-        return np.concatenate(self.infer(self.prepare(batch))).astype(np.float32, copy=False)
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output as float32 numpy, by name, the images' results concatenated."""
+        runs = self.infer(self.prepare(batch))
+        return {n: np.concatenate([r[i] for r in runs]).astype(np.float32, copy=False)
+                for i, n in enumerate(self.output_names)}
 
 
 def _ort(path: Path, threads: int, dynamic: bool) -> OrtRuntime:
@@ -470,21 +480,22 @@ def _ort(path: Path, threads: int, dynamic: bool) -> OrtRuntime:
 
 @dataclass
 class _Build:
-    """One FP32 build: its metrics, its logits on the parity images, and why the fallback exporter was used."""
+    """One FP32 build: its metrics, its raw outputs on the parity images, and why the fallback exporter was used."""
 
     metrics: dict[str, Any]
-    logits: np.ndarray
+    outputs: dict[str, np.ndarray]
     fallback: str | None
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, ...], path: Path, *, opset: int = 18,
-                 dynamic_batch: bool = True, simplify: bool = True, what: str = "model") -> tuple[str, str | None, bool]:
-    """Export `model` to ONE checked ONNX file at `path` (input `input`, output `logits`).
+                 dynamic_batch: bool = True, simplify: bool = True, what: str = "model",
+                 output_names: tuple[str, ...] = ("logits",)) -> tuple[str, str | None, bool]:
+    """Export `model` to ONE checked ONNX file at `path` (input `input`, outputs `output_names`).
 
     Returns `(exporter, fallback reason or None, simplified)`. Used by the stage and by the
     benchmarks, so both measure the same files.
     """
-    proto, exporter, fallback = _export(model, input_shape, opset, dynamic_batch, Path(path).parent)
+    proto, exporter, fallback = _export(model, input_shape, opset, dynamic_batch, Path(path).parent, output_names)
     if fallback:
         log.warning("%s: %s", what, fallback)
     _publish(proto, path)  # checked before simplification too: a broken export is not blamed on onnxslim
@@ -510,20 +521,22 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], path: Path, *, 
 def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndarray, what: str) -> _Build:
     """Export, check, simplify, check again, prove parity (and the dynamic batch)."""
     cfg: OnnxConfig = ctx.cfg.onnx
+    task = ctx.task
     exporter, fallback, simplified = export_model(model, ctx.data.input_shape, path, opset=cfg.opset,
-                                                  dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify, what=what)
-
-    torch_rt = TorchRuntime(model, "cpu", threads=torch.get_num_threads())  # leave torch's threads as they are
+                                                  dynamic_batch=cfg.dynamic_batch, simplify=cfg.simplify, what=what,
+                                                  output_names=task.output_names)
+    # Leave torch's threads as they are.
+    torch_rt = TorchRuntime(model, "cpu", threads=torch.get_num_threads(), output_names=task.output_names)
     ort_rt = _ort(path, ctx.cfg.bench.threads, cfg.dynamic_batch)
     batch = ctx.cfg.data.batch_size  # a fixed-batch build runs it image by image (_FixedBatchOrtRuntime)
-    reference = _predict(torch_rt, images, batch)
-    candidate = _predict(ort_rt, images, batch)
-    metrics: dict[str, Any] = _parity(reference, candidate, atol=cfg.parity_atol,
-                                      min_agreement=cfg.parity_min_agreement, what=what)
+    reference = run_batches(torch_rt, images, batch)
+    candidate = run_batches(ort_rt, images, batch)
+    metrics: dict[str, Any] = parity_metrics(task, reference, candidate, atol=cfg.parity_atol,
+                                             min_agreement=cfg.parity_min_agreement, what=what)
     if cfg.dynamic_batch:
         metrics["batch_check_max_abs_diff"] = _check_dynamic_batch(ort_rt, images, metrics["parity_tolerance"], what)
-    log.info("%s: parity vs torch: max abs diff %.3g, top-1 agreement %.4f", what,
-             metrics["parity_max_abs_diff"], metrics["parity_top1_agreement"])
+    log.info("%s: parity vs torch: max abs diff %.3g, %s %.4f", what, metrics["parity_max_abs_diff"],
+             task.agreement.replace("_", " "), metrics[f"parity_{task.agreement}"])
     metrics.update(runtime="onnxruntime", precision="fp32", opset=cfg.opset, exporter=exporter, simplified=simplified,
                    dynamic_batch=cfg.dynamic_batch)
     return _Build(metrics, candidate, fallback)
@@ -532,37 +545,6 @@ def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndar
 # --------------------------------------------------------------------------------------------
 # INT8
 # --------------------------------------------------------------------------------------------
-
-
-def calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None = None):
-    """An onnxruntime CalibrationDataReader over `(images, ...)` batches, counting the images.
-
-    Shared by the ORT INT8 build here and the TensorRT Q/DQ build.
-
-    A model with a fixed batch size is fed that many images per call.
-    """
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.images = 0
-            self._batches = iter(batches)
-            self._pending: list[np.ndarray] = []
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            while not self._pending:
-                item = next(self._batches, None)
-                if item is None:
-                    return None
-                x = item[0].detach().cpu().numpy().astype(np.float32, copy=False)
-                step = fixed_batch or len(x)
-                # A remainder smaller than a fixed batch cannot be fed; it is dropped.
-                self._pending = [x[i : i + step] for i in range(0, len(x), step) if len(x[i : i + step]) == step]
-            x = self._pending.pop(0)
-            self.images += len(x)
-            return {input_name: np.ascontiguousarray(x)}
-
-    return _Reader()
 
 
 def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = True) -> dict[str, Any]:
@@ -627,8 +609,14 @@ def _warn_fallback(result: StageResult, artifact: str, build: _Build) -> None:
         result.warnings.append(f"{artifact}: {build.fallback}{caveat}")
 
 
-@register("onnx", order=40, inputs=("pruned|student", "teacher"), outputs=("onnx", "onnx_int8", "teacher_onnx"),
-          config_keys=("onnx", "data", "distill"), enabled=lambda cfg: cfg.onnx.enabled)
+@register("onnx", order=40, inputs=("pruned|student", "teacher"), reads=("data", "distill", "teacher"),
+          enabled=lambda cfg: cfg.onnx.enabled,
+          artifacts={
+              "onnx": ArtifactRole(model="student", runtime="onnxruntime", precision="fp32", target="onnxruntime"),
+              "onnx_int8": ArtifactRole(model="student", runtime="onnxruntime", precision="int8", target="onnxruntime",
+                                        fp32="onnx"),
+              "teacher_onnx": ArtifactRole(model="teacher", runtime="onnxruntime", precision="fp32"),
+          })
 def run(ctx: StageContext) -> StageResult:
     """Export the final student (and the teacher) to ONNX, prove parity, build the INT8 Q/DQ model."""
     cfg: OnnxConfig = ctx.cfg.onnx
@@ -656,15 +644,15 @@ def run(ctx: StageContext) -> StageResult:
         int8 = outputs["onnx_int8"]
         q = _build_int8(ctx, path, int8)
         q_rt = _ort(int8, threads, cfg.dynamic_batch)
-        q_logits = _predict(q_rt, images, ctx.cfg.data.batch_size)
-        # Not a gate (INT8 is expected to move logits): recorded so a bad calibration is visible.
-        q["top1_agreement_vs_fp32"] = float(np.mean(q_logits.argmax(1) == build.logits.argmax(1)))
+        q_out = run_batches(q_rt, images, ctx.cfg.data.batch_size)
+        # Not a gate (INT8 is expected to move outputs): recorded so a bad calibration is visible.
+        q[f"{ctx.task.agreement}_vs_fp32"] = ctx.task.parity(build.outputs, q_out).agreement
         result.outputs["onnx_int8"] = int8
         result.metrics["onnx_int8"] = q
         result.measure["onnx_int8"] = Measure(q_rt, model=student, path=int8)
 
     if cfg.export_teacher:
-        teacher = build_teacher(ctx, weights=str(ctx.inputs["teacher"])).cpu().eval()
+        teacher = build_teacher(ctx.cfg, ctx.data.num_classes, weights=str(ctx.inputs["teacher"])).cpu().eval()
         tpath = outputs["teacher_onnx"]
         try:
             tbuild = _build_fp32(ctx, teacher, tpath, images, "teacher_onnx")
@@ -677,6 +665,5 @@ def run(ctx: StageContext) -> StageResult:
             _warn_fallback(result, "teacher_onnx", tbuild)
             result.outputs["teacher_onnx"] = tpath
             result.metrics["teacher_onnx"] = {**tbuild.metrics, "source": "teacher"}
-            result.measure["teacher_onnx"] = Measure(_ort(tpath, threads, cfg.dynamic_batch), model=teacher,
-                                                     path=tpath, reference=True)
+            result.measure["teacher_onnx"] = Measure(_ort(tpath, threads, cfg.dynamic_batch), model=teacher, path=tpath)
     return result

@@ -36,7 +36,9 @@ import numpy as np
 from export.runtimes import OpenVINORuntime, OrtRuntime
 from pipeline import faults
 from pipeline.config import ConfigError, OpenVINOConfig
+from pipeline.manifest import ArtifactRole
 from pipeline.stage import Measure, StageContext, StageResult, register
+from pipeline.tasks import Task
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -155,15 +157,15 @@ def _val_batches(ctx: StageContext, batch: int, fixed: bool, limit: int = PARITY
         yield x
 
 
-def _agreement(ref, other, batches: Iterator[np.ndarray]) -> dict[str, Any]:
-    """Max |logit difference| and top-1 agreement of two runtimes on the same images."""
-    max_diff, agree, n = 0.0, 0, 0
+def _agreement(task: Task, ref, other, batches: Iterator[np.ndarray]) -> dict[str, Any]:
+    """Max |raw output difference| and the task's prediction agreement of two runtimes on the same images."""
+    max_diff, agree, n = 0.0, 0.0, 0
     for x in batches:
-        a, b = ref.predict(x), other.predict(x)
-        max_diff = max(max_diff, float(np.max(np.abs(a - b))))
-        agree += int(np.sum(a.argmax(1) == b.argmax(1)))
+        p = task.parity(ref.outputs(x), other.outputs(x))
+        max_diff = max(max_diff, p.max_abs_diff)
+        agree += p.agreement * len(x)
         n += len(x)
-    return {"max_abs_diff": max_diff if n else None, "top1_agreement": agree / n if n else None, "images": n}
+    return {"max_abs_diff": max_diff if n else None, "agreement": agree / n if n else None, "images": n}
 
 
 def _calibration_loader(ctx: StageContext, batch: int):
@@ -177,20 +179,26 @@ def _images(item: tuple[Any, Any]) -> np.ndarray:
     return item[0].numpy()
 
 
-def _calibration_accuracy(compiled: "ov.CompiledModel", items) -> tuple[float, list[float]]:
-    """NNCF validation_fn: top-1 accuracy on calibration batches, and one value per batch.
+def _calibration_metric(task: Task, num_classes: int):
+    """NNCF validation_fn: the task's primary metric on calibration batches, and one value per batch.
 
     Runs on the calibration split (training images), never on validation images.
     """
-    output = compiled.output(0)
-    per_item: list[float] = []
-    correct = total = 0
-    for images, labels in items:
-        pred = np.asarray(compiled(images.numpy())[output]).argmax(1)
-        hits = int(np.sum(pred == labels.numpy()))
-        per_item.append(hits / len(labels))
-        correct, total = correct + hits, total + len(labels)
-    return (correct / total if total else 0.0), per_item
+
+    def validate(compiled: "ov.CompiledModel", items) -> tuple[float, list[float]]:
+        total = task.evaluator(num_classes)
+        per_item: list[float] = []
+        for images, targets in items:
+            result = compiled(images.numpy())
+            outs = {name: np.asarray(result[compiled.output(i)], dtype=np.float32)
+                    for i, name in enumerate(task.output_names)}
+            one = task.evaluator(num_classes)
+            one.update(outs, targets)
+            total.update(outs, targets)
+            per_item.append(one.compute()[task.metric])
+        return (total.compute()[task.metric] if per_item else 0.0), per_item
+
+    return validate
 
 
 def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Model", dict[str, Any]]:
@@ -219,11 +227,13 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
                  cfg.max_accuracy_drop, images)
         # The same calibration images validate: the val split stays untouched for the report.
         quantized = nncf.quantize_with_accuracy_control(
-            model, calibration, nncf.Dataset(_calibration_loader(ctx, batch)), _calibration_accuracy,
+            model, calibration, nncf.Dataset(_calibration_loader(ctx, batch)),
+            _calibration_metric(ctx.task, ctx.data.num_classes),
             max_drop=cfg.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE, preset=preset, subset_size=steps,
         )
         info["max_accuracy_drop"] = cfg.max_accuracy_drop
         info["accuracy_control_data"] = "calibration"
+        info["accuracy_control_metric"] = ctx.task.metric
     else:
         log.info("INT8: NNCF post-training quantization on %d calibration images (preset %s)", images, cfg.preset)
         quantized = quantize_int8(model, loader, preset=cfg.preset)
@@ -265,9 +275,14 @@ def _build_fp32(ctx: StageContext, model: "ov.Model", stem: str) -> tuple[Path, 
     return xml, runtime
 
 
-@register("openvino", order=50, inputs=("onnx", "teacher_onnx?"),
-          outputs=("openvino_fp32", "openvino_int8", "teacher_openvino_fp32"),
-          config_keys=("openvino", "data"), enabled=lambda cfg: cfg.openvino.enabled)
+@register("openvino", order=50, inputs=("onnx", "teacher_onnx?"), reads=("data",),
+          enabled=lambda cfg: cfg.openvino.enabled,
+          artifacts={
+              "openvino_fp32": ArtifactRole(model="student", runtime="openvino", precision="fp32", target="openvino"),
+              "openvino_int8": ArtifactRole(model="student", runtime="openvino", precision="int8", target="openvino",
+                                            fp32="openvino_fp32"),
+              "teacher_openvino_fp32": ArtifactRole(model="teacher", runtime="openvino", precision="fp32"),
+          })
 def run(ctx: StageContext) -> StageResult:
     """Build the FP32 IR (checked against ONNX Runtime), the INT8 IR (NNCF, calibration split
     only) and the teacher's FP32 IR; hand each to the runner to measure."""
@@ -298,18 +313,20 @@ def run(ctx: StageContext) -> StageResult:
         f32_rt = OpenVINORuntime(fp32_xml, threads=ctx.cfg.bench.threads, precision="f32")
     batch = fixed or min(ctx.cfg.data.batch_size, PARITY_IMAGES)
     ort = OrtRuntime(onnx_path, threads=ctx.cfg.bench.threads)
-    par = _agreement(ort, f32_rt, _val_batches(ctx, batch, fixed is not None))
-    fp32.update(parity_reference="onnxruntime", parity_precision="f32", parity_images=par["images"],
-                parity_max_abs_diff=par["max_abs_diff"], parity_top1_agreement=par["top1_agreement"])
+    task = ctx.task
+    agreement = task.agreement.replace("_", " ")
+    par = _agreement(task, ort, f32_rt, _val_batches(ctx, batch, fixed is not None))
+    fp32.update({"parity_reference": "onnxruntime", "parity_precision": "f32", "parity_images": par["images"],
+                 "parity_max_abs_diff": par["max_abs_diff"], f"parity_{task.agreement}": par["agreement"]})
     if not par["images"]:
         result.warnings.append("openvino_fp32: no val images, so the parity check with ONNX Runtime did not run")
     else:
-        log.info("openvino_fp32 vs ONNX Runtime on %d val images: max |Δlogit| %.2e, top-1 agreement %.4f",
-                 par["images"], par["max_abs_diff"], par["top1_agreement"])
-    if par["images"] and par["top1_agreement"] < MIN_PARITY_AGREEMENT:
+        log.info("openvino_fp32 vs ONNX Runtime on %d val images: max |Δoutput| %.2e, %s %.4f",
+                 par["images"], par["max_abs_diff"], agreement, par["agreement"])
+    if par["images"] and par["agreement"] < MIN_PARITY_AGREEMENT:
         result.warnings.append(
-            f"openvino_fp32 agrees with ONNX Runtime on the top-1 class for only {par['top1_agreement']:.2%} of "
-            f"{par['images']} val images (max |Δlogit| {par['max_abs_diff']:.3g}): the IR is not the exported model"
+            f"openvino_fp32 vs ONNX Runtime: {agreement} only {par['agreement']:.2%} on "
+            f"{par['images']} val images (max |Δoutput| {par['max_abs_diff']:.3g}): the IR is not the exported model"
         )
     result.metrics["openvino_fp32"] = fp32
 
@@ -317,13 +334,13 @@ def run(ctx: StageContext) -> StageResult:
         quantized, int8 = _quantize(ctx, student, fixed or 1)
         int8_xml = _save_ir(quantized, ctx.out_dir / "student_int8.xml")
         int8_rt = OpenVINORuntime(int8_xml, threads=ctx.cfg.bench.threads, precision=cfg.inference_precision)
-        cmp = _agreement(f32_rt, int8_rt, _val_batches(ctx, batch, fixed is not None))
+        cmp = _agreement(task, f32_rt, int8_rt, _val_batches(ctx, batch, fixed is not None))
         int8.update(prec, device_precision=int8_rt.precision, compared_with="openvino_fp32",
-                    fp32_top1_agreement=cmp["top1_agreement"], fp32_max_abs_diff=cmp["max_abs_diff"],
-                    compared_images=cmp["images"])
+                    fp32_max_abs_diff=cmp["max_abs_diff"], compared_images=cmp["images"])
+        int8[f"fp32_{task.agreement}"] = cmp["agreement"]
         if cmp["images"]:
-            log.info("openvino_int8 vs openvino_fp32 on %d val images: top-1 agreement %.4f",
-                     cmp["images"], cmp["top1_agreement"])
+            log.info("openvino_int8 vs openvino_fp32 on %d val images: %s %.4f", cmp["images"], agreement,
+                     cmp["agreement"])
         result.outputs["openvino_int8"] = int8_xml
         result.measure["openvino_int8"] = Measure(int8_rt, path=int8_xml)
         result.metrics["openvino_int8"] = int8
@@ -333,7 +350,7 @@ def run(ctx: StageContext) -> StageResult:
         # The teacher on the same runtime: what the student's OpenVINO speedup is read against.
         t_xml, t_rt = _build_fp32(ctx, _convert(ctx.inputs["teacher_onnx"]), "teacher_fp32")
         result.outputs["teacher_openvino_fp32"] = t_xml
-        result.measure["teacher_openvino_fp32"] = Measure(t_rt, path=t_xml, reference=True)
+        result.measure["teacher_openvino_fp32"] = Measure(t_rt, path=t_xml)
         result.metrics["teacher_openvino_fp32"] = {**prec, "device_precision": t_rt.precision}
         result.commands["teacher_openvino_fp32"] = _benchmark_command(ctx, t_xml, t_rt)
     return result

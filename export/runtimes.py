@@ -1,10 +1,11 @@
 """Runtime implementations of :class:`pipeline.bench.Runtime`.
 
-Each runtime wraps one built artifact behind the same four members (`name`, `device`,
-`threads`, `prepare` / `infer` / `predict`), so the shared harness in `pipeline.bench` and
-the accuracy code in `pipeline.evaluate` treat every backend identically.
+Each runtime wraps one built artifact behind the same members (`name`, `device`, `threads`,
+`output_names`, `prepare` / `infer` / `outputs`), so the shared harness in `pipeline.bench` and
+the evaluation in `pipeline.evaluate` treat every backend identically. Torch eager, the
+reference, is :class:`pipeline.torch_runtime.TorchRuntime`.
 
-Implemented: :class:`TorchRuntime` (eager), :class:`OrtRuntime` (ONNX Runtime: CPU, and
+Implemented here: :class:`OrtRuntime` (ONNX Runtime: CPU, and
 the CUDA / TensorRT execution providers where onnxruntime-gpu is installed),
 :class:`OpenVINORuntime`, and :class:`TensorRTRuntime` (a serialized engine; needs the
 tensorrt package and CUDA). Each also exposes `input_names` / `output_names`.
@@ -19,77 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.bench import resolve_threads
+from pipeline.torch_runtime import TorchRuntime  # noqa: F401 - one import place for every runtime
 
 log = logging.getLogger(__name__)
 
 
-class TorchRuntime:
-    """A torch module run eagerly, the reference every exported build is compared against."""
-
-    name = "torch"
-    input_names = ("input",)
-    output_names = ("logits",)
-
-    def __init__(
-        self,
-        model: nn.Module,
-        device: str | torch.device = "cpu",
-        threads: int = 0,
-        channels_last: bool = False,
-    ) -> None:
-        """Put `model` in eval mode on `device`; torch's intra-op thread count is fixed in `prepare`.
-
-        `threads = 0` means every usable core; the resolved count is kept in `.threads`.
-        Note that the model itself is moved and switched to eval mode (no copy is made).
-        """
-        self._device = torch.device(device)
-        self.device = str(self._device)
-        self.threads = resolve_threads(threads)
-        self.channels_last = channels_last
-        model = model.to(self._device).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        # Feed the model its own floating dtype so a half-precision module is not handed float32.
-        self._dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-    def prepare(self, batch: np.ndarray) -> torch.Tensor:
-        """Float32 NCHW numpy → tensor on the device, contiguous or channels_last as configured."""
-        # torch's thread count is process-wide, so it is fixed here (outside the timer) rather
-        # than at construction; the runner restores the training thread count afterwards.
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device, dtype=self._dtype)
-        if self.channels_last and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
-
-    def infer(self, prepared: torch.Tensor) -> torch.Tensor:
-        """One forward pass; blocks until a CUDA result is ready so timing is real."""
-        with torch.inference_mode():
-            out = self.model(prepared)
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        return out
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes)."""
-        out = self.infer(self.prepare(batch))
-        if isinstance(out, (tuple, list)):  # e.g. models returning (logits, aux)
-            out = out[0]
-        return out.detach().float().cpu().numpy()
-
-    def __repr__(self) -> str:
-        return f"TorchRuntime(device={self.device!r}, threads={self.threads}, channels_last={self.channels_last})"
-
-
-def _first_output(out: object) -> np.ndarray:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return np.asarray(out, dtype=np.float32)
+def _named(names: tuple[str, ...], values: object) -> dict[str, np.ndarray]:
+    """Outputs in graph order → float32 numpy arrays by output name (copied out of any reused buffer)."""
+    return {n: np.array(v, dtype=np.float32) for n, v in zip(names, values)}
 
 
 class OrtRuntime:
@@ -134,9 +74,9 @@ class OrtRuntime:
         """One synchronous `session.run` (results are host arrays, so it has finished)."""
         return self.session.run(None, prepared)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes)."""
-        return _first_output(self.infer(self.prepare(batch)))
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output as float32 numpy, by output name."""
+        return _named(self.output_names, self.infer(self.prepare(batch)))
 
     def __repr__(self) -> str:
         return f"OrtRuntime({self.path.name!r}, providers={self.providers}, threads={self.threads})"
@@ -179,13 +119,14 @@ class OpenVINORuntime:
         return np.ascontiguousarray(batch, dtype=np.float32)
 
     def infer(self, prepared: np.ndarray) -> np.ndarray:
-        """One synchronous inference on the reused infer request."""
+        """One synchronous inference on the reused infer request (returns the first output's buffer)."""
         self.request.infer({0: prepared})
         return self.request.get_output_tensor(0).data
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes) (copied out of the request's buffer)."""
-        return np.array(self.infer(self.prepare(batch)), dtype=np.float32)
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output as float32 numpy, by output name (copied out of the request's buffers)."""
+        self.infer(self.prepare(batch))
+        return _named(self.output_names, (self.request.get_output_tensor(i).data for i in range(len(self.output_names))))
 
     def __repr__(self) -> str:
         return f"OpenVINORuntime({self.path.name!r}, device={self.ov_device!r}, precision={self.precision}, threads={self.threads})"
@@ -205,7 +146,7 @@ class TensorRTRuntime:
     binds tensor addresses, enqueues `execute_async_v3` on a torch CUDA stream and waits for it,
     so the harness times the whole inference. Output buffers are allocated once per input shape
     and reused: the tensor `infer` returns is overwritten by the next call with that shape.
-    `predict` splits batches larger than the engine's optimization profile allows.
+    `outputs` splits batches larger than the engine's optimization profile allows.
     """
 
     name = "tensorrt"
@@ -251,8 +192,8 @@ class TensorRTRuntime:
         torch.cuda.synchronize(self._device)  # the copy must not land inside the timed infer
         return x.contiguous()
 
-    def infer(self, prepared: torch.Tensor) -> torch.Tensor:
-        """One inference; blocks until the engine has finished. Returns the first output (reused buffer)."""
+    def infer(self, prepared: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One inference; blocks until the engine has finished. Returns every output (reused buffers)."""
         name = self.input_names[0]
         shape = tuple(prepared.shape)
         if not self.context.set_input_shape(name, shape):
@@ -271,13 +212,13 @@ class TensorRTRuntime:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to enqueue {self.path.name}")
         self.stream.synchronize()
-        return outputs[self.output_names[0]]
+        return outputs
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes); batches above the profile's max are split."""
-        parts = [self.infer(self.prepare(batch[i : i + self.max_batch])).float().cpu().numpy()
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output as float32 numpy, by name; batches above the profile's max are split."""
+        parts = [{n: t.float().cpu().numpy() for n, t in self.infer(self.prepare(batch[i : i + self.max_batch])).items()}
                  for i in range(0, len(batch), self.max_batch)]
-        return np.concatenate(parts, axis=0) if parts else np.empty((0,), dtype=np.float32)
+        return {n: np.concatenate([p[n] for p in parts], axis=0) for n in self.output_names} if parts else {}
 
     def __repr__(self) -> str:
         return f"TensorRTRuntime({self.path.name!r}, device={self.device!r}, max_batch={self.max_batch})"

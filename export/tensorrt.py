@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.onnx import calibration_reader
+from export.calibration import calibration_reader
 from export.runtimes import OrtRuntime, TensorRTRuntime
 from pipeline.config import ConfigError, DataConfig, TensorRTConfig
-from pipeline.manifest import Manifest, atomic_write_bytes, verify_artifact
-from pipeline.stage import Measure, StageContext, StageResult, register
+from pipeline.errors import LibraryError, UserError
+from pipeline.manifest import ArtifactRole, Manifest, atomic_write_bytes, verify_artifact
+from pipeline.stage import Command, Measure, StageContext, StageResult, register
 
 if TYPE_CHECKING:
     import onnx
@@ -264,12 +265,12 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
     The network is strongly typed (the Q/DQ nodes fix every precision; TensorRT < 9 without
     strong typing gets the INT8 builder flag instead). A dynamic batch axis gets one
     optimization profile: min batch 1, opt and max `batch_size`, image dims `input_shape`.
-    Builds on the current CUDA device. Raises :class:`ConfigError` when TensorRT or CUDA is
-    absent and RuntimeError, with every parser error, when TensorRT rejects the model.
+    Builds on the current CUDA device. Raises :class:`UserError` when TensorRT or CUDA is
+    absent and :class:`LibraryError`, with every parser error, when TensorRT rejects the model.
     """
     missing = _tensorrt_missing()
     if missing:
-        raise ConfigError(f"cannot build a TensorRT engine here: {missing}")
+        raise UserError(f"cannot build a TensorRT engine here: {missing}")
     import tensorrt as trt
 
     qdq_path, engine_path = Path(qdq_path), Path(engine_path)
@@ -281,7 +282,7 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(qdq_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT's ONNX parser rejected {qdq_path.name}: " + "; ".join(errors or ["no details"]))
+        raise LibraryError("TensorRT", f"its ONNX parser rejected {qdq_path.name}: " + "; ".join(errors or ["no details"]))
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -304,7 +305,7 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
              qdq_path.name, trt.__version__, "strongly typed" if strongly_typed else "INT8 flag", batch_size, workspace_mb)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {qdq_path.name} (see the TensorRT log above)")
+        raise LibraryError("TensorRT", f"it could not build an engine from {qdq_path.name} (see the TensorRT log above)")
     atomic_write_bytes(engine_path, bytes(memoryview(serialized)))
     return engine_path
 
@@ -330,7 +331,7 @@ def build_engine_from_run(run_dir: Path) -> Path:
         raise ConfigError(f"{run_dir}: trt_qdq cannot be trusted ({bad}); re-run the {stage} stage")
     missing = _tensorrt_missing()
     if missing:
-        raise ConfigError(f"cannot build a TensorRT engine here: {missing}; run build-engine on a machine with "
+        raise UserError(f"cannot build a TensorRT engine here: {missing}; run build-engine on a machine with "
                           f"TensorRT and a CUDA GPU, or use the trtexec command in the manifest (stages.{stage}.commands.trt_engine)")
     record = manifest.stages[stage]
     data = {**DataConfig().model_dump(), **record.config.get("data", {})}
@@ -360,8 +361,19 @@ def _rel(path: Path, workdir: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@register("tensorrt", order=60, inputs=("onnx",), outputs=("trt_qdq", "trt_calib_cache", "trt_engine"),
-          config_keys=("tensorrt", "data", "onnx"), enabled=lambda cfg: cfg.tensorrt.enabled)
+def _build_engine_command(run_dir: Path) -> str:
+    return f"engine: {build_engine_from_run(run_dir)}"
+
+
+@register("tensorrt", order=60, inputs=("onnx",), reads=("data",), enabled=lambda cfg: cfg.tensorrt.enabled,
+          artifacts={
+              "trt_qdq": ArtifactRole(model="student", runtime="onnxruntime", precision="int8", fp32="onnx",
+                                      latency_note=LATENCY_NOTE),
+              "trt_calib_cache": ArtifactRole(model="none"),
+              "trt_engine": ArtifactRole(model="student", runtime="tensorrt", precision="int8", target="tensorrt"),
+          },
+          commands=(Command("build-engine", "build the TensorRT engine of a finished run on this machine "
+                                            "(TensorRT + CUDA)", _build_engine_command),))
 def run(ctx: StageContext) -> StageResult:
     """Calibrate the Q/DQ ONNX and its cache; build the engine where TensorRT and CUDA are present."""
     import torch

@@ -45,6 +45,7 @@ class Runtime(Protocol):
     """
 
     name: str  # "torch", "onnxruntime", "openvino", "tensorrt"
+    output_names: tuple[str, ...]  # the keys of `outputs`, in the model's order
     device: str  # "cpu", "cuda:0", ...
     threads: int  # intra-op threads this runtime was fixed to (recorded in metrics)
 
@@ -56,8 +57,8 @@ class Runtime(Protocol):
         """Run one synchronous inference on a prepared input."""
         ...
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits as float32 numpy, shape (N, num_classes)."""
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every raw output of the model on a float32 NCHW batch, as float32 numpy by output name."""
         ...
 
 

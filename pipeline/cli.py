@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run|validate CONFIG`, `python -m pipeline report|status|build-engine RUN_DIR`.
+"""Command line: `python -m pipeline run|validate CONFIG`, `python -m pipeline report|status RUN_DIR`,
+plus the commands stages declare (e.g. `build-engine RUN_DIR`).
 
 Exit codes: 0 success, 1 a stage failed, 2 bad input (config, data, checkpoint, workdir,
 manifest), 3 a gate failed, 130 interrupted. User mistakes print one line, no traceback.
@@ -16,6 +17,7 @@ from rich.markup import escape
 
 from pipeline import config as config_mod
 from pipeline.errors import LibraryError, UserError
+from pipeline.stage import load_stages, targets
 from pipeline.ui import console, setup_logging
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage")
     run.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only this stage (repeatable)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage even if cached (repeatable)")
-    run.add_argument("--target", choices=("torch", "onnxruntime", "openvino", "tensorrt"),
+    run.add_argument("--target", choices=targets(),
                      help="run only the stages this deployment target needs")
     run.add_argument("--rebuild-manifest", action="store_true",
                      help="set a corrupt manifest.json aside (kept) and start a fresh one")
@@ -44,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
     st = sub.add_parser("status", help="show a run's manifest: stages, cache keys, unavailable parts, gate failures")
     st.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
-    eng = sub.add_parser("build-engine", help="build the TensorRT engine of a finished run on this machine (TensorRT + CUDA)")
-    eng.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
+    for stage in load_stages():  # commands the stages declare (e.g. build-engine)
+        for command in stage.commands:
+            extra = sub.add_parser(command.name, help=command.help)
+            extra.add_argument("run_dir", help="the run's workdir (holding manifest.json), or the pipeline.toml naming it")
     return p
 
 
@@ -131,11 +135,9 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_engine(args: argparse.Namespace) -> int:
-    from export.tensorrt import build_engine_from_run
-
-    path = build_engine_from_run(_run_dir(args.run_dir))
-    console.print(f"engine: {path}", highlight=False, soft_wrap=True)
+def _stage_command(args: argparse.Namespace) -> int:
+    command = next(c for s in load_stages() for c in s.commands if c.name == args.command)
+    console.print(command.run(_run_dir(args.run_dir)), highlight=False, soft_wrap=True)
     return 0
 
 
@@ -144,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        commands = {"run": _run, "validate": _validate, "report": _report, "status": _status,
-                    "build-engine": _build_engine}
-        return commands[args.command](args)
+        commands = {"run": _run, "validate": _validate, "report": _report, "status": _status}
+        return commands.get(args.command, _stage_command)(args)
     except UserError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -1,8 +1,9 @@
 """The whole `pipeline.toml` schema, loaded with tomllib and validated by pydantic.
 
-Every table of the contract in DESIGN.md is defined here, including the stages that later
-work implements, so a config written today stays valid. Every key has a default; unknown
-keys are errors. A user mistake becomes one :class:`ConfigError` line naming the TOML key
+Every table is defined here, one pydantic model per TOML table. Every key has a default
+(for the MGD/KD settings: the task's own, filled in at load time); unknown keys are errors.
+Checks that need the stage registry (artifact names in `[gates.latency_ms]`) run right after
+validation, in :func:`from_dict`. A user mistake becomes one :class:`ConfigError` line naming the TOML key
 path, the bad value and what is allowed; never a traceback.
 """
 
@@ -16,25 +17,6 @@ from typing import Any, Literal
 
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the name users of this module know
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
-
-# One name per concept: every artifact a stage may produce. Gates keyed by artifact name are
-# checked against this list so a typo in `[gates.latency_ms]` is caught before anything runs.
-ARTIFACT_NAMES = (
-    "teacher",
-    "student",
-    "student_baseline",
-    "student_kd",
-    "pruned",
-    "onnx",
-    "onnx_int8",
-    "teacher_onnx",
-    "openvino_fp32",
-    "openvino_int8",
-    "teacher_openvino_fp32",
-    "trt_qdq",
-    "trt_calib_cache",
-    "trt_engine",
-)
 
 
 
@@ -50,6 +32,9 @@ class PipelineConfig(_Section):
     )
     seed: int = Field(0, ge=0, description="Seed for data splits, initialisation and shuffling.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    task: Literal["classification", "segmentation", "detection"] = Field(
+        "classification", description="classification | segmentation | detection: data, loss, metrics and export follow it."
+    )
 
     @field_validator("device")
     @classmethod
@@ -111,15 +96,18 @@ class TeacherConfig(OptimConfig):
 
 
 class MGDConfig(_Section):
-    alpha: float = Field(7e-5, gt=0, description="Loss weight α (paper: 7e-5 classification, 2e-5 dense).")
-    mask_ratio: float = Field(0.15, ge=0, lt=1, description="Fraction λ of the student feature masked out.")
-    mask: Literal["channel", "pixel"] = Field("channel", description="channel (classification) | pixel (dense tasks)")
-    teacher_layers: list[str] = Field(["layer4"], min_length=1, description="Teacher layers to tap.")
-    student_layers: list[str] = Field(["layer4"], min_length=1, description="Student layers to tap, paired in order.")
+    """MGD settings; a key left out takes the task's default (see `pipeline/tasks/`)."""
+
+    alpha: float | None = Field(None, gt=0, description="Loss weight α; unset: the task's (7e-5 classification, 2e-5 dense).")
+    mask_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction λ of the student feature masked out; unset: the task's (0.15 classification).")
+    mask: Literal["channel", "pixel"] | None = Field(None, description="channel | pixel; unset: the task's (channel for classification, pixel for dense tasks).")
+    teacher_layers: list[str] | None = Field(None, min_length=1, description="Teacher layers to tap; unset: the task's (layer4 for classification).")
+    student_layers: list[str] | None = Field(None, min_length=1, description="Student layers to tap, paired in order; unset: the task's.")
 
     @model_validator(mode="after")
     def _paired(self) -> "MGDConfig":
-        if len(self.teacher_layers) != len(self.student_layers):
+        if (self.teacher_layers is not None and self.student_layers is not None
+                and len(self.teacher_layers) != len(self.student_layers)):
             raise ValueError(
                 f"distill.mgd: teacher_layers has {len(self.teacher_layers)} entries but student_layers has "
                 f"{len(self.student_layers)}; they are paired in order"
@@ -128,8 +116,10 @@ class MGDConfig(_Section):
 
 
 class KDConfig(_Section):
-    temperature: float = Field(4.0, gt=0, description="Softmax temperature of Hinton KD.")
-    weight: float = Field(1.0, ge=0, description="Weight of the KD term (scaled by T²).")
+    """Logit distillation settings; a key left out takes the task's default."""
+
+    temperature: float | None = Field(None, gt=0, description="Softmax temperature; unset: the task's (4).")
+    weight: float | None = Field(None, ge=0, description="Weight of the KD term (scaled by T²); unset: the task's (1 for classification).")
 
 
 class DistillConfig(OptimConfig):
@@ -204,29 +194,55 @@ class BenchConfig(_Section):
 
 
 class GatesConfig(_Section):
+    max_metric_drop: float | None = Field(
+        None, ge=0, le=1,
+        description="Per stage, vs the teacher: the task's primary metric (accuracy, miou, map; absolute, 0..1) may drop at most this; unset disables.",
+    )
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Per stage, vs the teacher (absolute, 0..1); unset disables."
+        None, ge=0, le=1, description="Classification alias of max_metric_drop (the primary metric is accuracy)."
     )
     min_speedup_vs_teacher: float = Field(0.0, ge=0, description="Deployed build latency ratio at batch 1; 0 disables.")
     latency_ms: dict[str, float] = Field({}, description="p90 at batch 1 budget, keyed by artifact name.")
     min_int8_speedup: float = Field(
         0.0, ge=0, description="INT8 build p50 vs the FP32 build on the same runtime, at batch 1, at least this; 0 disables."
     )
+    max_int8_metric_drop: float | None = Field(
+        None, ge=0, le=1, description="INT8 build vs the FP32 build on the same runtime: the primary metric may drop at most this."
+    )
     max_int8_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="INT8 build accuracy vs the FP32 build on the same runtime, at most this drop."
+        None, ge=0, le=1, description="Classification alias of max_int8_metric_drop."
     )
 
     @field_validator("latency_ms")
     @classmethod
-    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
         for name, budget in v.items():
-            if name not in ARTIFACT_NAMES:
-                raise ValueError(f"unknown artifact {name!r}; allowed: {', '.join(ARTIFACT_NAMES)}")
-            if name == "trt_qdq":
-                raise ValueError("trt_qdq is timed on ONNX Runtime CPU, not TensorRT: budget trt_engine instead")
             if not budget > 0:
                 raise ValueError(f"budget for {name!r} must be > 0 ms, got {budget}")
         return v
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> "GatesConfig":
+        for new, alias in (("max_metric_drop", "max_accuracy_drop"), ("max_int8_metric_drop", "max_int8_accuracy_drop")):
+            if getattr(self, new) is not None and getattr(self, alias) is not None:
+                raise ValueError(f"gates: set {new} or its alias {alias}, not both")
+        return self
+
+    def metric_drop(self) -> tuple[str, float] | None:
+        """(the key the user set, its budget) for the drop vs the teacher, or None when unset."""
+        return _either(self, "max_metric_drop", "max_accuracy_drop")
+
+    def int8_metric_drop(self) -> tuple[str, float] | None:
+        """(the key the user set, its budget) for the INT8-vs-FP32 drop, or None when unset."""
+        return _either(self, "max_int8_metric_drop", "max_int8_accuracy_drop")
+
+
+def _either(gates: GatesConfig, name: str, alias: str) -> tuple[str, float] | None:
+    for key in (name, alias):
+        value = getattr(gates, key)
+        if value is not None:
+            return key, value
+    return None
 
 
 class Config(_Section):
@@ -278,7 +294,30 @@ def from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         lines = [_format_error(e) for e in exc.errors()]
         raise ConfigError("; ".join(lines)) from None
     cfg._base_dir = base_dir
+    _apply_task_defaults(cfg)
+    from pipeline.stage import check_config  # the registry knows every artifact name
+
+    check_config(cfg)
     return cfg
+
+
+def _apply_task_defaults(cfg: Config) -> None:
+    """Fill the MGD/KD keys the user left out with the task's defaults; alias checks per task."""
+    from pipeline.tasks import get_task
+
+    task = get_task(cfg.pipeline.task)
+    for table, defaults in ((cfg.distill.mgd, task.mgd_defaults), (cfg.distill.kd, task.kd_defaults)):
+        for key, value in defaults.items():
+            if getattr(table, key) is None:
+                try:
+                    setattr(table, key, value)
+                except ValidationError as exc:  # e.g. the default pairs badly with the user's other list
+                    raise ConfigError("; ".join(_format_error(e) for e in exc.errors())) from None
+    if task.metric != "accuracy":
+        for alias, name in (("max_accuracy_drop", "max_metric_drop"), ("max_int8_accuracy_drop", "max_int8_metric_drop")):
+            if getattr(cfg.gates, alias) is not None:
+                raise ConfigError(f"gates.{alias} is the classification spelling; for task {task.name!r} use "
+                                  f"gates.{name} (it compares {task.metric})")
 
 
 def load(path: str | Path) -> Config:

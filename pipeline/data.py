@@ -47,7 +47,8 @@ _NO_FLIP_DATASETS = frozenset({"MNIST", "EMNIST", "KMNIST", "QMNIST", "SVHN", "U
 class DataBundle:
     """The three splits of one dataset plus what models need to know about it.
 
-    Every item is ``(float32 tensor 3×S×S normalised, int label)``.
+    Every item is ``(float32 tensor 3×S×S normalised, target)``; the target's type is the
+    task's (an int label for classification).
     """
 
     train: Dataset
@@ -55,6 +56,8 @@ class DataBundle:
     calibration: Dataset
     classes: list[str]
     image_size: int
+    # Batches targets that are not plain tensors (detection boxes); None: torch's default.
+    collate: Callable[[list], Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +100,7 @@ class DataBundle:
             drop_last=drop_last,
             pin_memory=pin_memory,
             generator=generator,
+            collate_fn=self.collate,
         )
         if sampler is not None:
             kwargs["sampler"] = sampler  # DataLoader refuses shuffle together with a sampler

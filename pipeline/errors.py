@@ -27,5 +27,5 @@ class LibraryError(RuntimeError):
     """A library failed internally; `library` names it (e.g. "Torch-Pruning")."""
 
     def __init__(self, library: str, message: str):
-        super().__init__(f"{library} failed internally: {message}")
+        super().__init__(f"{library} failed: {message}")
         self.library = library

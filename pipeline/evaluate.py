@@ -1,4 +1,4 @@
-"""Accuracy, parameter count, MACs, artifact size, and the per-artifact measurement.
+"""Quality metrics (through the task), parameter count, MACs, artifact size, and the per-artifact measurement.
 
 :func:`measure` is what the runner applies to every artifact after every stage; it is the
 same for every runtime (torch, ONNX Runtime, OpenVINO, TensorRT) so the manifest's metrics
@@ -21,6 +21,7 @@ from pipeline.bench import latency_metrics
 if TYPE_CHECKING:
     from pipeline.bench import Runtime
     from pipeline.config import BenchConfig
+    from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -101,35 +102,27 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         _restore_modes(modes)
 
 
-def predict_loader(runtime: "Runtime", loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """Run `runtime.predict` over a loader of `(images, labels)`; return `(logits, labels)`.
+def _numpy(batch: object) -> np.ndarray:
+    return batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
 
-    `logits` is float32 (N, num_classes), `labels` int64 (N,).
+
+def evaluate_runtime(runtime: "Runtime", loader: Iterable, task: "Task", num_classes: int) -> dict[str, float]:
+    """The task's quality metrics of `runtime` over a loader of `(images, targets)` batches.
+
+    The runtime returns its raw outputs by name; the task post-processes them and scores them,
+    so every runtime of every task is judged by one code path.
     """
-    logits: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    for batch in _track(loader, f"accuracy {runtime.name}", _len_or_none(loader)):
+    evaluator = task.evaluator(num_classes)
+    for batch in _track(loader, f"{task.metric} {runtime.name}", _len_or_none(loader)):
         images, targets = batch[0], batch[1]
-        x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        y = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
-        logits.append(np.asarray(runtime.predict(x.astype(np.float32, copy=False)), dtype=np.float32))
-        labels.append(y.astype(np.int64, copy=False))
-    if not logits:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
-    return np.concatenate(logits), np.concatenate(labels)
-
-
-def accuracy(runtime: "Runtime", loader: Iterable) -> float:
-    """Top-1 accuracy (0..1) of `runtime` over `loader`."""
-    logits, labels = predict_loader(runtime, loader)
-    if labels.size == 0:
-        raise ValueError("accuracy: the loader yielded no samples")
-    return float((logits.argmax(axis=1) == labels).mean())
+        evaluator.update(runtime.outputs(_numpy(images).astype(np.float32, copy=False)), targets)
+    return evaluator.compute()
 
 
 @torch.no_grad()
-def evaluate_module(model: nn.Module, loader: Iterable, device: str | torch.device) -> float:
-    """Top-1 accuracy (0..1) of a torch module during training.
+def evaluate_module(model: nn.Module, loader: Iterable, device: str | torch.device, task: "Task",
+                    num_classes: int) -> dict[str, float]:
+    """The task's quality metrics of a torch module during training.
 
     Switches to eval mode for the pass and restores every module's previous mode afterwards,
     so it can be called between epochs.
@@ -137,21 +130,14 @@ def evaluate_module(model: nn.Module, loader: Iterable, device: str | torch.devi
     device = torch.device(device)
     modes = _module_modes(model)
     model.eval()
-    correct = total = 0
+    evaluator = task.evaluator(num_classes)
     try:
         for images, targets in (b[:2] for b in loader):
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            out = model(images)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            correct += int((out.argmax(dim=1) == targets).sum())
-            total += int(targets.numel())
+            out = task.named_outputs(model(images.to(device, non_blocking=True)))
+            evaluator.update({n: t.detach().float().cpu().numpy() for n, t in out.items()}, targets)
     finally:
         _restore_modes(modes)
-    if total == 0:
-        raise ValueError("evaluate_module: the loader yielded no samples")
-    return correct / total
+    return evaluator.compute()
 
 
 def artifact_size(path: Path) -> int:
@@ -178,15 +164,18 @@ def measure(
     input_shape: tuple[int, int, int],
     batch_size: int,
     bench: "BenchConfig",
+    task: "Task",
+    num_classes: int,
     model: nn.Module | None = None,
     artifact_path: Path | None = None,
 ) -> dict[str, float | int]:
     """The per-artifact measurement, identical for every runtime.
 
-    Returns `accuracy` and the :func:`pipeline.bench.latency_metrics` keys always; `params`
-    and `macs` when a torch `model` is given; `size_bytes` when `artifact_path` is given.
+    Returns the task's quality metrics (`accuracy`; `miou`, `pixel_accuracy`; `map`, `map_50`)
+    and the :func:`pipeline.bench.latency_metrics` keys always; `params` and `macs` when a
+    torch `model` is given; `size_bytes` when `artifact_path` is given.
     """
-    metrics: dict[str, float | int] = {"accuracy": accuracy(runtime, val_loader)}
+    metrics: dict[str, float | int] = dict(evaluate_runtime(runtime, val_loader, task, num_classes))
     metrics.update(latency_metrics(runtime, input_shape, batch_size=batch_size, bench=bench))
     if model is not None:
         metrics["params"] = count_params(model)

@@ -1,17 +1,20 @@
 """Gates: the user's budgets, checked against measured metrics after every stage.
 
-- `max_accuracy_drop`: teacher accuracy minus artifact accuracy, per artifact, at most this.
+- `max_metric_drop` (classification alias `max_accuracy_drop`): the teacher's primary metric
+  (accuracy, miou, map) minus the artifact's, per artifact, at most this.
 - `min_speedup_vs_teacher`: teacher p50 / artifact p50 at batch 1, at least this (0 disables).
 - `latency_ms.<artifact>`: the artifact's p90 at batch 1, at most this many milliseconds.
-- `min_int8_speedup`: an INT8 build's p50 vs the FP32 build of the same runtime (same stage),
-  at least this. A ratio measured back to back on one machine, so it does not flap on a
-  shared CI runner the way absolute milliseconds do.
-- `max_int8_accuracy_drop`: FP32 build accuracy minus INT8 build accuracy, at most this.
+- `min_int8_speedup`: an INT8 build's p50 vs its FP32 counterpart on the same runtime (same
+  stage), at least this. A ratio measured back to back on one machine, so it does not flap on
+  a shared CI runner the way absolute milliseconds do.
+- `max_int8_metric_drop` (alias `max_int8_accuracy_drop`): the FP32 build's primary metric
+  minus the INT8 build's, at most this.
 
-Artifacts a stage marks as references (the baseline student, the teacher's own builds) and the
-teacher itself are not gated: they are what the others are compared with. A budget whose
-metric was never measured (a stage that is unavailable here) is reported as `unmeasured`,
-never as passed.
+Which artifact is what comes from the roles the stages declare (recorded in each stage's
+record): reference builds (the teacher's, the baseline student) are not gated, they are what
+the others are compared with; a build whose latency is not its target's (a TensorRT model
+timed on ONNX Runtime CPU) is never latency-gated. A budget whose metric was never measured
+(a stage that is unavailable here) is reported as `unmeasured`, never as passed.
 """
 
 from __future__ import annotations
@@ -19,17 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import GatesConfig
-from pipeline.manifest import GateResult, StageRecord
-
-# Builds measured here only as a stand-in for another device (the TensorRT Q/DQ model runs on
-# ONNX Runtime CPU, where signed INT8 is slow): accuracy is gated, latency is not.
-CPU_PROXIES = frozenset({"trt_qdq"})
-
-# INT8 build -> the FP32 build on the same runtime it is compared with (both in one stage).
-INT8_PAIRS = {"onnx_int8": "onnx", "openvino_int8": "openvino_fp32"}
+from pipeline.manifest import ArtifactRole, GateResult, StageRecord
 
 # Tolerance for float round-off in comparisons that users expect to be exact (drop == budget).
 _EPS = 1e-9
+
+# Gate names that judge quality (the ship choice drops a build that fails one).
+QUALITY_GATES = frozenset({"max_metric_drop", "max_accuracy_drop", "max_int8_metric_drop", "max_int8_accuracy_drop"})
 
 
 def speedup(teacher: dict[str, Any] | None, metrics: dict[str, Any]) -> float | None:
@@ -42,46 +41,29 @@ def speedup(teacher: dict[str, Any] | None, metrics: dict[str, Any]) -> float | 
     return float(t) / float(a)
 
 
-def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: GatesConfig) -> list[GateResult]:
+def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: GatesConfig,
+                metric: str = "accuracy") -> list[GateResult]:
     """Evaluate every configured gate on one stage's metrics.
 
-    `teacher` is the teacher's own metrics (accuracy and latency in torch eager), or None when
+    `teacher` is the teacher's own metrics (quality and latency in torch eager), or None when
     the teacher has not been measured, in which case teacher-relative gates are `unmeasured`.
+    `metric` is the task's primary quality metric.
     """
     results: list[GateResult] = []
+    roles = record.artifacts
+    drop = gates.metric_drop()
     for artifact, metrics in record.metrics.items():
-        if not isinstance(metrics, dict) or artifact == "teacher" or artifact in record.reference:
+        role = roles.get(artifact)
+        if not isinstance(metrics, dict) or role is None or role.reference or role.model == "none":
             continue
-        if gates.max_accuracy_drop is not None and "accuracy" in metrics:
-            t_acc = teacher.get("accuracy") if teacher else None
-            drop = None if t_acc is None else float(t_acc) - float(metrics["accuracy"])
-            results.append(
-                _verdict("max_accuracy_drop", artifact, "accuracy drop vs teacher", drop, gates.max_accuracy_drop, "<=")
-            )
-        if gates.min_speedup_vs_teacher > 0 and "latency_p50_ms" in metrics and artifact not in CPU_PROXIES:
-            results.append(
-                _verdict(
-                    "min_speedup_vs_teacher",
-                    artifact,
-                    "speedup vs teacher (p50, batch 1)",
-                    speedup(teacher, metrics),
-                    gates.min_speedup_vs_teacher,
-                    ">=",
-                )
-            )
-    for int8, fp32 in INT8_PAIRS.items():
-        q, f = record.metrics.get(int8), record.metrics.get(fp32)
-        if not isinstance(q, dict):
-            continue
-        f = f if isinstance(f, dict) else {}
-        if gates.min_int8_speedup > 0 and "latency_p50_ms" in q:
-            ratio = f["latency_p50_ms"] / q["latency_p50_ms"] if f.get("latency_p50_ms") and q["latency_p50_ms"] else None
-            results.append(_verdict("min_int8_speedup", int8, f"speedup vs {fp32} (p50, batch 1)", ratio,
-                                    gates.min_int8_speedup, ">=", missing=f"{fp32} not measured"))
-        if gates.max_int8_accuracy_drop is not None and "accuracy" in q:
-            drop = float(f["accuracy"]) - float(q["accuracy"]) if "accuracy" in f else None
-            results.append(_verdict("max_int8_accuracy_drop", int8, f"accuracy drop vs {fp32}", drop,
-                                    gates.max_int8_accuracy_drop, "<=", missing=f"{fp32} not measured"))
+        if drop is not None and metric in metrics:
+            t = teacher.get(metric) if teacher else None
+            value = None if t is None else float(t) - float(metrics[metric])
+            results.append(_verdict(drop[0], artifact, f"{metric} drop vs teacher", value, drop[1], "<="))
+        if gates.min_speedup_vs_teacher > 0 and "latency_p50_ms" in metrics and not role.latency_note:
+            results.append(_verdict("min_speedup_vs_teacher", artifact, "speedup vs teacher (p50, batch 1)",
+                                    speedup(teacher, metrics), gates.min_speedup_vs_teacher, ">="))
+    results += _int8_gates(record, roles, gates, metric)
     # Latency budgets are keyed by artifact name and apply to references too: a user who
     # budgets an artifact by name wants it checked whatever role it plays.
     for artifact, budget in gates.latency_ms.items():
@@ -90,6 +72,28 @@ def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: Gate
             results.append(
                 _verdict("latency_ms", artifact, "p90 latency at batch 1 (ms)", metrics["latency_p90_ms"], budget, "<=")
             )
+    return results
+
+
+def _int8_gates(record: StageRecord, roles: dict[str, ArtifactRole], gates: GatesConfig, metric: str) -> list[GateResult]:
+    """INT8 builds vs their FP32 counterparts on the same runtime, both in this stage."""
+    results: list[GateResult] = []
+    drop = gates.int8_metric_drop()
+    for int8, role in roles.items():
+        q = record.metrics.get(int8)
+        if role.fp32 is None or not isinstance(q, dict):
+            continue
+        fp32 = role.fp32
+        f = record.metrics.get(fp32)
+        f = f if isinstance(f, dict) else {}
+        if gates.min_int8_speedup > 0 and "latency_p50_ms" in q and not role.latency_note:
+            ratio = f["latency_p50_ms"] / q["latency_p50_ms"] if f.get("latency_p50_ms") and q["latency_p50_ms"] else None
+            results.append(_verdict("min_int8_speedup", int8, f"speedup vs {fp32} (p50, batch 1)", ratio,
+                                    gates.min_int8_speedup, ">=", missing=f"{fp32} not measured"))
+        if drop is not None and metric in q:
+            value = float(f[metric]) - float(q[metric]) if metric in f else None
+            results.append(_verdict(drop[0], int8, f"{metric} drop vs {fp32}", value, drop[1], "<=",
+                                    missing=f"{fp32} not measured"))
     return results
 
 

@@ -31,7 +31,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.gates import INT8_PAIRS
 from pipeline.manifest import MANIFEST_NAME, GateResult, Manifest, ManifestError, StageRecord, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ _SAME_RUNTIME_TEACHER = {
 }
 # INT8 build → its FP32 counterpart on the same runtime.
 # The gated pairs (pipeline.gates), plus the TensorRT Q/DQ model, which also runs on ONNX Runtime here.
-_INT8_PAIRS = (*INT8_PAIRS.items(), ("trt_qdq", "onnx"))
+_INT8_PAIRS = (("onnx_int8", "onnx"), ("openvino_int8", "openvino_fp32"), ("trt_qdq", "onnx"))
 
 
 # -- formatting --------------------------------------------------------------------------

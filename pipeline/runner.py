@@ -27,8 +27,8 @@ from pathlib import Path
 from pipeline import dist, faults
 from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
-from pipeline.config import Config, ConfigError
-from pipeline.errors import UserError
+from pipeline.config import Config
+from pipeline.errors import ConfigError, UserError
 from pipeline.lock import WorkdirLock
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -39,7 +39,8 @@ from pipeline.manifest import (
     artifact_record,
     verify_artifact,
 )
-from pipeline.stage import Stage, StageContext, StageUnavailable, load_stages
+from pipeline.stage import ScopedConfig, Stage, StageContext, StageUnavailable, load_stages, stages_for_target, targets
+from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,8 @@ class RunOptions:
     until_stage: str | None = None
     only: set[str] = field(default_factory=set)
     force: set[str] = field(default_factory=set)
-    target: str | None = None  # a key of TARGET_SKIPS: run only the stages that target needs
+    target: str | None = None  # a deployment target some stage ships to: run only the stages it needs
     rebuild_manifest: bool = False  # set a corrupt manifest aside and start a fresh one
-
-
-# Deployment target -> the stages it does not need (they are left out of the run, not recorded).
-TARGET_SKIPS: dict[str, frozenset[str]] = {
-    "torch": frozenset({"onnx", "openvino", "tensorrt"}),
-    "onnxruntime": frozenset({"openvino", "tensorrt"}),
-    "openvino": frozenset({"tensorrt"}),
-    "tensorrt": frozenset({"openvino"}),
-}
 
 
 @dataclass
@@ -116,8 +108,9 @@ def cache_key(stage: Stage, cfg: Config, inputs: dict[str, Artifact], versions: 
     """sha256 over everything that determines a stage's outputs."""
     payload = {
         "stage": stage.name,
-        "config": {k: getattr(cfg, k).model_dump(mode="json") for k in stage.config_keys},
+        "config": {k: getattr(cfg, k).model_dump(mode="json") for k in stage.reads},
         "seed": cfg.pipeline.seed,
+        "task": cfg.pipeline.task,
         "inputs": {name: art.sha256 for name, art in sorted(inputs.items())},
         "versions": versions,
     }
@@ -134,85 +127,31 @@ def select(stages: list[Stage], opts: RunOptions) -> list[str]:
         for v in values:
             if v not in names:
                 raise ConfigError(f"{flag} {v!r}: no such stage; stages are {', '.join(names)}")
-    if opts.target is not None and opts.target not in TARGET_SKIPS:
-        raise ConfigError(f"--target {opts.target!r}: no such target; targets are {', '.join(TARGET_SKIPS)}")
-    skip = TARGET_SKIPS.get(opts.target or "", frozenset())
+    known = targets()
+    if opts.target is not None and opts.target not in known:
+        raise ConfigError(f"--target {opts.target!r}: no such target; targets are {', '.join(known)}")
+    keep = stages_for_target(opts.target) if opts.target else set(names)
     if opts.only:
-        return [n for n in names if n in opts.only and n not in skip]
+        return [n for n in names if n in opts.only and n in keep]
     lo = names.index(opts.from_stage) if opts.from_stage else 0
     hi = names.index(opts.until_stage) if opts.until_stage else len(names) - 1
     if lo > hi:
         raise ConfigError(f"--from {opts.from_stage} comes after --until {opts.until_stage}")
-    return [n for n in names[lo : hi + 1] if n not in skip]
+    return [n for n in names[lo : hi + 1] if n in keep]
 
 
 def preflight(cfg: Config) -> None:
-    """Every check of the user's input that can be made before anything runs.
+    """Every check of the user's input that can be made before anything runs: the data (through
+    the task), then each enabled stage's own declared preflight, the device and the workdir.
 
     Raises :class:`ConfigError` (exit code 2) so that a typo never touches the manifest.
     """
-    from pipeline import data as data_mod
-    from pipeline import models
-
-    data_mod.check_data(cfg.data, base_dir=cfg.resolve("."))
-    for key, arch in (("teacher.arch", cfg.teacher.arch), ("distill.student", cfg.distill.student)):
-        try:
-            models.check_arch(arch)
-        except ConfigError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    num_classes: int | None = None  # read from the data at most once
-    for table, arch, weights, small in (
-        ("teacher", cfg.teacher.arch, cfg.teacher.weights, cfg.teacher.small_input),
-        ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.small_input),
-    ):
-        if weights and not weights.startswith("torchvision:"):
-            # Build the model and load the file now: a checkpoint for another architecture
-            # fails here, in one line, instead of after the teacher has trained for an hour.
-            path = cfg.resolve(weights)
-            if not path.is_file():
-                raise ConfigError(f"{table}.weights = {weights!r}: file not found ({path})")
-            if num_classes is None:
-                num_classes = data_mod.load_data(cfg.data, cfg.pipeline.seed, base_dir=cfg.resolve(".")).num_classes
-            models.build_model(arch, num_classes, image_size=cfg.data.image_size, small_input=small,
-                               weights=str(path), base_dir=cfg.resolve("."))
-    if cfg.distill.method in ("mgd", "mgd+kd"):
-        _check_mgd_layers(cfg)
-    if cfg.prune.enabled:
-        _check_prune(cfg)
+    get_task(cfg.pipeline.task).check_data(cfg.data, cfg.resolve("."))
+    for stage in load_stages():
+        if stage.preflight is not None and stage.enabled(cfg):
+            stage.preflight(cfg)
     resolve_device(cfg.pipeline.device)
     _check_writable(cfg.workdir, cfg.pipeline.workdir)
-
-
-def _check_mgd_layers(cfg: Config) -> None:
-    """Tap layers exist and pair up in spatial size: probed on randomly initialised models, so a
-    typo or an impossible pairing fails before the teacher trains, not after."""
-    import torch
-
-    from pipeline import models
-    from stages.mgd import MGDHead
-
-    def build(arch: str, small: str) -> "torch.nn.Module":
-        return models.build_model(arch, 10, image_size=cfg.data.image_size, small_input=small)
-
-    m = cfg.distill.mgd
-    with torch.random.fork_rng():  # probing must not shift the run's random stream
-        MGDHead(build(cfg.distill.student, cfg.distill.small_input), build(cfg.teacher.arch, cfg.teacher.small_input),
-                m.student_layers, m.teacher_layers, (3, cfg.data.image_size, cfg.data.image_size),
-                alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
-
-
-def _check_prune(cfg: Config) -> None:
-    """Ignored layers exist, no layer would lose every channel, and Torch-Pruning can trace
-    the student: checked on a randomly initialised student before anything trains."""
-    import torch
-
-    from pipeline import models
-    from stages.prune import make_pruner
-
-    with torch.random.fork_rng():
-        student = models.build_model(cfg.distill.student, 10, image_size=cfg.data.image_size,
-                                     small_input=cfg.distill.small_input).eval()
-        make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune, cfg.distill.student)
 
 
 def _check_writable(workdir: Path, as_written: str) -> None:
@@ -274,8 +213,11 @@ class Runner:
         manifest = self._load_manifest()
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
+        task = get_task(cfg.pipeline.task)
         manifest.model.pipeline = {
             "name": cfg.pipeline.name,
+            "chain": [s.name for s in self.stages],
+            "task": {"name": task.name, "metric": task.metric, "metrics": list(task.metrics)},
             "config": cfg.model_dump(mode="json"),
             "seed": cfg.pipeline.seed,
             "device": str(device),
@@ -296,7 +238,7 @@ class Runner:
             if not stage.enabled(cfg):
                 manifest.stages[stage.name] = StageRecord(
                     status="skipped", reason=f"disabled in the config ([{stage.name}] enabled = false)",
-                    config=getattr(cfg, stage.name).model_dump(mode="json"), ended=_now(),
+                    config=getattr(cfg, stage.name).model_dump(mode="json"), artifacts=stage.artifacts, ended=_now(),
                 )
                 _save(manifest)
                 continue
@@ -328,7 +270,7 @@ class Runner:
             _save(manifest)
             faults.point("stage-recorded")
 
-        manifest.model.ship = ship_mod.choose(manifest.model)
+        manifest.model.ship = ship_mod.choose(manifest.model, task.metric)
         _save(manifest)
         if outcome.code == EXIT_OK:
             failed = [g for rec in manifest.stages.values() for g in rec.gates if g.passed is False]
@@ -382,7 +324,7 @@ class Runner:
 
     def _context(self, stage: Stage, key: str, inputs: dict[str, Artifact], device, data_holder) -> StageContext:
         ctx = StageContext(
-            cfg=self.cfg, name=stage.name, workdir=self.cfg.workdir,
+            cfg=ScopedConfig(self.cfg, stage.name, stage.reads), name=stage.name, workdir=self.cfg.workdir,
             inputs={n: self.cfg.workdir / a.path for n, a in inputs.items()}, device=device, key=key,
         )
         if "data" in data_holder:
@@ -397,12 +339,13 @@ class Runner:
         started, t0 = _now(), time.perf_counter()
         ctx = self._context(stage, key, inputs, device, data_holder)
         base = dict(
-            key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.config_keys},
+            key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.reads},
             inputs=inputs, started=started, seed=self.cfg.pipeline.seed, device=str(device), versions=versions,
+            artifacts=stage.artifacts,
         )
         try:
             result = stage.run(ctx)
-            undeclared = set(result.outputs) - set(stage.outputs)
+            undeclared = (set(result.outputs) | set(result.measure)) - set(stage.outputs)
             if undeclared:  # a programming error in the stage: one name per concept, declared up front
                 raise RuntimeError(f"stage produced undeclared artifacts {sorted(undeclared)}")
             root = self.cfg.workdir.resolve()
@@ -420,7 +363,8 @@ class Runner:
                     measured = measure(
                         m.runtime, val_loader=ctx.data.loader("val", self.cfg.data.batch_size),
                         input_shape=ctx.data.input_shape, batch_size=self.cfg.data.batch_size,
-                        bench=self.cfg.bench, model=m.model, artifact_path=m.path,
+                        bench=self.cfg.bench, task=ctx.task, num_classes=ctx.data.num_classes,
+                        model=m.model, artifact_path=m.path,
                     )
                 finally:
                     torch.set_num_threads(threads)  # [bench] threads must not leak into training
@@ -449,7 +393,7 @@ class Runner:
                                seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
         record = StageRecord(
             status="ok", outputs=outputs, metrics=metrics, history=result.history,
-            reference=sorted(n for n, m in result.measure.items() if m.reference),
+            reference=sorted(n for n in result.measure if stage.artifacts[n].reference),
             warnings=result.warnings, unavailable=result.unavailable, commands=result.commands,
             ended=_now(), seconds=time.perf_counter() - t0, **base,
         )
@@ -460,22 +404,31 @@ class Runner:
     def _record_failure(self, manifest: Manifest, stage: Stage, reason: str, device, versions) -> None:
         manifest.stages[stage.name] = StageRecord(
             status="failed", reason=reason, ended=_now(), seed=self.cfg.pipeline.seed,
-            device=str(device), versions=versions,
+            device=str(device), versions=versions, artifacts=stage.artifacts,
         )
         _save(manifest)
 
     def _apply_gates(self, name: str, record: StageRecord, manifest: Manifest) -> None:
         """Add speedup vs teacher to every measured artifact, then evaluate the gates."""
-        teacher_rec = record if name == "teacher" else manifest.stages.get("teacher")
-        teacher = teacher_rec.metrics.get("teacher") if teacher_rec else None
+        teacher_name, teacher = _teacher_metrics(record, manifest)
         for art, m in record.metrics.items():
-            if isinstance(m, dict) and art != "teacher":
+            if isinstance(m, dict) and art != teacher_name:
                 s = gates_mod.speedup(teacher, m)
                 if s is not None:
                     m["speedup_vs_teacher"] = s
-        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates)
+        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates, get_task(self.cfg.pipeline.task).metric)
         failed = any(g.passed is False for g in record.gates)
         if record.status in ("ok", "gate_failed"):
             record.status = "gate_failed" if failed else "ok"
         for g in record.gates:
             (log.warning if g.passed is False else log.info)("%s", g.message)
+
+
+def _teacher_metrics(record: StageRecord, manifest: Manifest) -> tuple[str | None, dict | None]:
+    """The teacher in torch eager (the artifact declared as the teacher's torch build): its name
+    and metrics, looked up in this record first, then in the manifest."""
+    for rec in (record, *manifest.stages.values()):
+        for art, role in rec.artifacts.items():
+            if role.model == "teacher" and role.runtime == "torch" and isinstance(rec.metrics.get(art), dict):
+                return art, rec.metrics[art]
+    return None, None

@@ -1,9 +1,10 @@
 """Pick the build to ship per target: the fastest one that passes the accuracy gates.
 
-For each deployment target (torch eager, ONNX Runtime, OpenVINO, TensorRT) the candidates are
-the builds of the final student measured on that runtime. A candidate qualifies when none of
-its accuracy gates (`max_accuracy_drop` vs the teacher, `max_int8_accuracy_drop` vs the FP32
-build) failed; among those, the lowest p50 latency at batch 1 wins. When an INT8 build is not
+For each deployment target (torch eager, ONNX Runtime, OpenVINO, TensorRT: whatever targets the
+stages' declared artifact roles name) the candidates are the builds of the final student that
+ship to it. A candidate qualifies when none of its quality gates (`max_metric_drop` vs the
+teacher, `max_int8_metric_drop` vs the FP32 build, or their accuracy aliases) failed; among
+those, the lowest p50 latency at batch 1 wins. When an INT8 build is not
 faster than FP32 on a target, or fails an accuracy gate, the FP32 build ships and the reason
 says so: a slower INT8 build is never shipped silently.
 """
@@ -12,68 +13,68 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.manifest import ManifestModel
-
-# target -> (artifact, precision) candidates in preference order for ties.
-TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "torch": (("pruned", "fp32"), ("student", "fp32")),
-    "onnxruntime": (("onnx", "fp32"), ("onnx_int8", "int8")),
-    "openvino": (("openvino_fp32", "fp32"), ("openvino_int8", "int8")),
-    "tensorrt": (("trt_engine", "int8"),),
-}
-_ACCURACY_GATES = ("max_accuracy_drop", "max_int8_accuracy_drop")
+from pipeline.gates import QUALITY_GATES
+from pipeline.manifest import ArtifactRole, ManifestModel
 
 
-def _index(model: ManifestModel) -> tuple[dict[str, dict], dict[str, list], dict[str, str], dict[str, str]]:
+def _index(model: ManifestModel) -> tuple[dict[str, dict], dict[str, ArtifactRole], dict[str, list], dict[str, str], dict[str, str]]:
     metrics: dict[str, dict] = {}
+    roles: dict[str, ArtifactRole] = {}
     gates: dict[str, list] = {}
     unavailable: dict[str, str] = {}
     commands: dict[str, str] = {}
-    for name, rec in model.stages.items():
-        if rec.status not in ("ok", "gate_failed"):
+    for rec in model.stages.values():
+        if rec.status not in ("ok", "gate_failed", "unavailable"):
+            continue
+        roles.update(rec.artifacts)
+        unavailable.update(rec.unavailable)
+        commands.update(rec.commands)
+        if rec.status == "unavailable":
             continue
         for art, m in rec.metrics.items():
-            if isinstance(m, dict) and art not in rec.reference:
+            role = rec.artifacts.get(art)
+            if isinstance(m, dict) and role is not None and not role.reference:
                 metrics[art] = m
         for g in rec.gates:
             gates.setdefault(g.artifact, []).append(g)
-        unavailable.update(rec.unavailable)
-        commands.update(rec.commands)
-    return metrics, gates, unavailable, commands
+    return metrics, roles, gates, unavailable, commands
 
 
 def _fmt_ms(v: float) -> str:
     return f"{v:.3g} ms"
 
 
-def choose(model: ManifestModel) -> dict[str, dict[str, Any]]:
+def choose(model: ManifestModel, metric: str = "accuracy") -> dict[str, dict[str, Any]]:
     """The ship decision for every target that has a measured or pending build.
 
-    Returns ``{target: {"artifact": name | None, "reason": str, "candidates": [...]}}`` where
-    each candidate is ``{"artifact", "runtime", "precision", "accuracy", "latency_p50_ms",
-    "passes", "why"}``.
+    Candidates are the artifacts whose declared role ships to the target (an artifact that
+    `supersedes` another, e.g. the pruned student over the unpruned one, replaces it). Returns
+    ``{target: {"artifact": name | None, "reason": str, "candidates": [...]}}`` where each
+    candidate is ``{"artifact", "runtime", "precision", <metric>, "latency_p50_ms", "passes", "why"}``.
     """
-    metrics, gates, unavailable, commands = _index(model)
+    metrics, roles, gates, unavailable, commands = _index(model)
+    superseded = {r.supersedes for a, r in roles.items() if r.supersedes and a in metrics}
+    targets: dict[str, list[str]] = {}
+    for art, role in roles.items():
+        if role.target and art not in superseded:
+            targets.setdefault(role.target, []).append(art)
     decisions: dict[str, dict[str, Any]] = {}
-    for target, options in TARGETS.items():
+    for target, options in targets.items():
         candidates = []
-        for art, precision in options:
+        for art in options:
             if art not in metrics:
                 continue
-            m = metrics[art]
-            failed = [g for g in gates.get(art, []) if g.gate in _ACCURACY_GATES and g.passed is False]
+            m, role = metrics[art], roles[art]
+            failed = [g for g in gates.get(art, []) if g.gate in QUALITY_GATES and g.passed is False]
             has_latency = m.get("latency_p50_ms") is not None
             why = "; ".join(g.message for g in failed) if failed else ("" if has_latency else "latency not measured")
             candidates.append({
-                "artifact": art, "runtime": target, "precision": precision, "accuracy": m.get("accuracy"),
+                "artifact": art, "runtime": role.runtime, "precision": role.precision, metric: m.get(metric),
                 "latency_p50_ms": m.get("latency_p50_ms"), "passes": not failed and has_latency, "why": why,
             })
-        pending = [a for a, _ in options if a in unavailable]
+        pending = [a for a in options if a in unavailable]
         if not candidates and not pending:
             continue
-        if target == "torch":
-            # Eager torch ships the final student only: the pruned one when pruning ran.
-            candidates = candidates[:1]
         decisions[target] = _decide(target, candidates, pending, unavailable, commands)
     return decisions
 

@@ -1,15 +1,30 @@
-"""Stage registry and the objects a stage sees and returns.
+"""Stage registry: what each stage declares, and the objects a stage sees and returns.
 
 A stage is one module under `stages/` or `export/` with one public `run(ctx) -> StageResult`,
-registered with :func:`register`. The runner knows stages only through :data:`REGISTRY`,
-ordered by each stage's `order`.
+registered with :func:`register`. The registration declares everything the core needs:
+
+- `reads`: the config tables the stage reads (its own always included). They, the seed, the
+  task and the input hashes make the cache key; the stage's `ctx.cfg` refuses any other table,
+  so a stage cannot depend on a setting its key does not cover;
+- `inputs`: artifacts it needs (`"a|b"`: the first that exists, `"a?"`: optional);
+- `artifacts`: what it writes, each with its role (:class:`~pipeline.manifest.ArtifactRole`:
+  runtime, precision, deployment target, FP32 counterpart, reference builds);
+- `preflight`: checks of the user's input run before anything trains;
+- `commands`: extra CLI commands it adds (e.g. `build-engine`).
+
+Gates, the ship choice, `--target` selection, the report and the config's artifact-name checks
+are derived from these declarations; the runner knows stages only through :data:`REGISTRY`.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from pipeline.errors import ConfigError
+from pipeline.manifest import ArtifactRole
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +32,12 @@ if TYPE_CHECKING:
     from pipeline.bench import Runtime
     from pipeline.config import Config
     from pipeline.data import DataBundle
+    from pipeline.tasks import Task
+
+# Tables every stage may read: `[pipeline]` (seed and task are in every key) and `[bench]`
+# (how the runner measures, which never changes an artifact).
+ALWAYS_READABLE = frozenset({"pipeline", "bench"})
+
 
 class StageUnavailable(Exception):
     """Raised by a stage that cannot run on this machine (e.g. TensorRT not installed).
@@ -26,6 +47,10 @@ class StageUnavailable(Exception):
     """
 
 
+class UndeclaredRead(RuntimeError):
+    """A stage read a config table it did not declare in `reads` (a bug in the stage)."""
+
+
 @dataclass
 class Measure:
     """An artifact the runner should measure with the shared harness after the stage."""
@@ -33,7 +58,6 @@ class Measure:
     runtime: "Runtime"
     model: "torch.nn.Module | None" = None  # for params/MACs when the artifact is a torch model
     path: Path | None = None  # for size_bytes
-    reference: bool = False  # measured for comparison only (baseline student, teacher builds): no gates
 
 
 @dataclass
@@ -52,11 +76,29 @@ class StageResult:
     commands: dict[str, str] = field(default_factory=dict)
 
 
+class ScopedConfig:
+    """A read-only view of the config that allows only the tables a stage declared."""
+
+    def __init__(self, cfg: "Config", stage: str, reads: tuple[str, ...]):
+        self._cfg = cfg
+        self._stage = stage
+        self._allowed = frozenset(reads) | ALWAYS_READABLE
+
+    def __getattr__(self, name: str) -> Any:
+        from pipeline.config import Config
+
+        if name in Config.model_fields and name not in self._allowed:
+            raise UndeclaredRead(f"stage {self._stage!r} reads [{name}] but does not declare it in `reads`, so its "
+                                 "cache key would not cover it; add it to the stage's registration")
+        return getattr(self._cfg, name)
+
+
 @dataclass
 class StageContext:
-    """Everything a stage may use: config, where to write, its resolved inputs, the device."""
+    """Everything a stage may use: config (scoped to its declared tables), where to write,
+    its resolved inputs, the device, the task."""
 
-    cfg: "Config"
+    cfg: Any  # a ScopedConfig (or the Config itself in tests and tools)
     name: str
     workdir: Path
     inputs: dict[str, Path]
@@ -72,27 +114,53 @@ class StageContext:
         return d
 
     @property
-    def data(self) -> "DataBundle":
-        """The dataset, loaded once per run and shared by every stage."""
-        if self._data is None:
-            from pipeline.data import load_data
+    def task(self) -> "Task":
+        """The run's task (`[pipeline] task`)."""
+        from pipeline.tasks import get_task
 
-            self._data = load_data(self.cfg.data, self.cfg.pipeline.seed, base_dir=self.cfg.resolve("."))
+        return get_task(self.cfg.pipeline.task)
+
+    @property
+    def data(self) -> "DataBundle":
+        """The dataset, loaded once per run and shared by every stage (reading it reads `[data]`)."""
+        data_cfg = self.cfg.data
+        if self._data is None:
+            self._data = self.task.load_data(data_cfg, self.cfg.pipeline.seed, self.cfg.resolve("."))
         return self._data
 
 
 @dataclass(frozen=True)
+class Command:
+    """A CLI command a stage adds: `python -m pipeline <name> RUN_DIR`; `run` returns a line to print."""
+
+    name: str
+    help: str
+    run: Callable[[Path], str]
+
+
+@dataclass(frozen=True)
 class Stage:
-    """A registered stage: its name (= module = TOML table), order, inputs and outputs."""
+    """A registered stage and its declarations."""
 
     name: str
     order: int
     run: Callable[[StageContext], StageResult]
-    # Each entry an artifact name, "a|b" (the first of them that exists), or "a?" (optional).
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    config_keys: tuple[str, ...]  # config tables whose values go into the cache key
+    artifacts: dict[str, ArtifactRole]
+    reads: tuple[str, ...]
     enabled: Callable[["Config"], bool]
+    preflight: Callable[["Config"], None] | None = None
+    commands: tuple[Command, ...] = ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the artifacts this stage may write."""
+        return tuple(self.artifacts)
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The config tables in the cache key (same as `reads`)."""
+        return self.reads
 
 
 REGISTRY: dict[str, Stage] = {}
@@ -102,29 +170,22 @@ def register(
     name: str,
     *,
     order: int,
+    artifacts: dict[str, ArtifactRole],
     inputs: tuple[str, ...] = (),
-    outputs: tuple[str, ...],
-    config_keys: tuple[str, ...] = (),
+    reads: tuple[str, ...] = (),
     enabled: Callable[["Config"], bool] | None = None,
+    preflight: Callable[["Config"], None] | None = None,
+    commands: tuple[Command, ...] = (),
 ) -> Callable[[Callable[[StageContext], StageResult]], Callable[[StageContext], StageResult]]:
-    """Decorator registering a stage's `run` function under `name`.
-
-    `config_keys` lists the config tables the stage depends on (its own table is always
-    included); changing any of them changes the stage's cache key.
-    """
+    """Decorator registering a stage's `run` function under `name` (= its module = its TOML table)."""
 
     def deco(fn: Callable[[StageContext], StageResult]) -> Callable[[StageContext], StageResult]:
         if name in REGISTRY and REGISTRY[name].run is not fn:
             raise ValueError(f"stage {name!r} registered twice")
-        keys = (name,) + tuple(k for k in config_keys if k != name)
         REGISTRY[name] = Stage(
-            name=name,
-            order=order,
-            run=fn,
-            inputs=inputs,
-            outputs=outputs,
-            config_keys=keys,
-            enabled=enabled or (lambda cfg: True),
+            name=name, order=order, run=fn, inputs=inputs, artifacts=dict(artifacts),
+            reads=(name,) + tuple(k for k in reads if k != name), enabled=enabled or (lambda cfg: True),
+            preflight=preflight, commands=commands,
         )
         return fn
 
@@ -132,7 +193,7 @@ def register(
 
 
 # Packages whose public modules are imported so their stages register: adding a stage is
-# adding a file. Modules starting with "_" are helpers and are not imported here.
+# adding a file. Modules starting with "_" are private to their package and not imported here.
 STAGE_PACKAGES = ("stages", "export")
 
 
@@ -147,3 +208,56 @@ def load_stages() -> list[Stage]:
             if not info.name.startswith("_"):
                 importlib.import_module(f"{pkg_name}.{info.name}")
     return sorted(REGISTRY.values(), key=lambda s: s.order)
+
+
+def roles() -> dict[str, ArtifactRole]:
+    """Every declared artifact's role, by artifact name."""
+    return {name: role for stage in load_stages() for name, role in stage.artifacts.items()}
+
+
+def producers() -> dict[str, str]:
+    """Artifact name → the stage that declares it."""
+    return {name: stage.name for stage in load_stages() for name in stage.artifacts}
+
+
+def targets() -> list[str]:
+    """Every deployment target some artifact ships to, in chain order."""
+    out: list[str] = []
+    for role in roles().values():
+        if role.target and role.target not in out:
+            out.append(role.target)
+    return out
+
+
+def stages_for_target(target: str) -> set[str]:
+    """The stages a deployment target needs: those shipping to it, and what they need, transitively."""
+    stages = {s.name: s for s in load_stages()}
+    made_by = producers()
+    need = {s.name for s in stages.values() if any(r.target == target for r in s.artifacts.values())}
+    todo = list(need)
+    while todo:
+        for spec in stages[todo.pop()].inputs:
+            if spec.endswith("?"):
+                continue  # optional: used when produced anyway
+            for art in spec.split("|"):
+                producer = made_by.get(art)
+                if producer is not None and producer not in need:
+                    need.add(producer)
+                    todo.append(producer)
+    return need
+
+
+def check_config(cfg: "Config") -> None:
+    """Config checks that need the declarations: every `[gates.latency_ms]` key names a declared,
+    latency-gated artifact."""
+    known = roles()
+    for name in cfg.gates.latency_ms:
+        role = known.get(name)
+        if role is None:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"gates.latency_ms.{name}: unknown artifact; {hint}allowed: {', '.join(known)}")
+        if role.latency_note:
+            raise ConfigError(f"gates.latency_ms.{name}: its latency is not budgeted ({role.latency_note})")
+        if role.runtime is None:
+            raise ConfigError(f"gates.latency_ms.{name}: {name} is a file, not a model; it has no latency")

@@ -6,7 +6,7 @@ the result is a smaller dense network that every runtime runs faster, not a spar
 Channel importance is `magnitude` (L2 of each channel group's weights), `taylor` (first-order
 Taylor, |w · ∂L/∂w|, from a few calibration batches) or `bn_scale` (|γ| of the BatchNorms).
 The remaining channel counts stay multiples of `round_to` (SIMD- and tensor-core-friendly); the
-classifier head and the user's `ignore_layers` keep all their channels.
+task's output heads (the classifier) and the user's `ignore_layers` keep all their channels.
 
 Pruning costs accuracy, so the pruned student is fine-tuned for `heal_epochs` with the task
 loss plus MGD from the teacher (Yang et al. 2022, arXiv 2205.01529): the tap layers are probed
@@ -15,7 +15,7 @@ params, MACs, size, accuracy and torch-eager latency before pruning, after pruni
 healing, so the manifest shows what pruning bought in measured time, not only in MACs.
 
 Inputs: `student`, `teacher`. Output: `pruned` — architecture, Torch-Pruning history and state
-dict as plain data (see `stages/_student.py`), rebuilt without unpickling any module.
+dict as plain data (see `pipeline/run_models.py`), rebuilt without unpickling any module.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.runtimes import TorchRuntime
 from pipeline.bench import latency_metrics
 from pipeline.config import ConfigError, PruneConfig
+from pipeline.errors import LibraryError
 from pipeline.evaluate import count_macs, count_params, evaluate_module
-from pipeline.models import build_model, head_names
+from pipeline.manifest import ArtifactRole
+from pipeline.run_models import build_student, is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
 from pipeline.stage import Measure, StageContext, StageResult, register
-from stages._student import is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
-from stages._train import fit, loaders, save_torch
-from stages.distill import distill_loss, load_frozen_teacher
-from stages.mgd import FeatureTap, MGDHead
+from pipeline.tasks import Task, get_task
+from pipeline.torch_runtime import TorchRuntime
+from stages.distillation import distillation
+from stages.training import fit, loaders, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,13 @@ def _importance(name: str):
     raise ConfigError(f"prune.importance = {name!r}: allowed magnitude, taylor, bn_scale")
 
 
-def ignored_modules(model: nn.Module, cfg: PruneConfig) -> list[nn.Module]:
-    """The classifier head plus every layer named in `prune.ignore_layers` (and its children).
+def ignored_modules(model: nn.Module, cfg: PruneConfig, task: Task) -> list[nn.Module]:
+    """The task's output heads plus every layer named in `prune.ignore_layers` (and its children).
 
     Raises :class:`ConfigError` naming an unknown layer, with the closest names.
     """
     named = dict(model.named_modules())
-    ignored = [named[h] for h in head_names(model)]
+    ignored = [named[h] for h in task.prune_keep(model)]
     for name in cfg.ignore_layers:
         if name not in named:
             close = difflib.get_close_matches(name, [n for n in named if n], n=3)
@@ -112,15 +113,15 @@ def _failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
             h.remove()
 
 
-def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str):
+def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str, task: Task):
     """A Torch-Pruning `BasePruner` for `model`, after the whole-layer check.
 
-    Raises :class:`ConfigError` when Torch-Pruning cannot trace the model, naming the layer
-    that was running.
+    Raises :class:`LibraryError` when Torch-Pruning cannot trace the model, naming the layer
+    that was running (the model and Torch-Pruning disagree: not a mistake in the config).
     """
     import torch_pruning as tp
 
-    ignored = ignored_modules(model, cfg)
+    ignored = ignored_modules(model, cfg, task)
     check_whole_layers(model, ignored, cfg)
     try:
         return tp.pruner.BasePruner(
@@ -130,9 +131,10 @@ def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch:
     except Exception as exc:
         layer = _failing_module(model, example)
         where = f"layer {layer!r} fails under tracing" if layer else "its outputs or graph are not traceable"
-        raise ConfigError(
-            f"prune: Torch-Pruning cannot trace {arch}: {where} ({type(exc).__name__}: {exc}); "
-            "list the layer in prune.ignore_layers, make the model return tensors, or disable [prune]"
+        raise LibraryError(
+            "Torch-Pruning",
+            f"it cannot trace {arch}: {where} ({type(exc).__name__}: {exc}); "
+            "list the layer in prune.ignore_layers, make the model return tensors, or disable [prune]",
         ) from None
 
 
@@ -142,10 +144,13 @@ def _taylor_gradients(model: nn.Module, ctx: StageContext) -> None:
     model.train()  # BatchNorm in train mode as during training; its running stats are restored below
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     loader = ctx.data.loader("calibration", ctx.cfg.data.batch_size)
-    for i, (images, labels) in enumerate(loader):
+    task = ctx.task
+    for i, (images, targets) in enumerate(loader):
         if i >= _TAYLOR_BATCHES:
             break
-        loss = nn.functional.cross_entropy(model(images.to(ctx.device)), labels.to(ctx.device))
+        # The task loss without label smoothing: the gradient of the plain objective.
+        loss = task.loss(model(images.to(ctx.device)), task.targets_to(targets, ctx.device),
+                         ctx.cfg.distill.model_copy(update={"label_smoothing": 0.0}))
         loss.backward()
     model.load_state_dict(stats, strict=False)
     model.eval()
@@ -155,7 +160,7 @@ def prune_model(model: nn.Module, ctx: StageContext, cfg: PruneConfig, arch: str
     """Prune `model` in place in `cfg.steps` steps; return Torch-Pruning's pruning history."""
     example = torch.zeros(1, *ctx.data.input_shape, device=ctx.device)
     model.to(ctx.device).eval()
-    pruner = make_pruner(model, example, cfg, arch)
+    pruner = make_pruner(model, example, cfg, arch, ctx.task)
     for step in range(cfg.steps):
         if cfg.importance == "taylor":
             _taylor_gradients(model, ctx)
@@ -169,7 +174,8 @@ def _torch_latency(model: nn.Module, ctx: StageContext) -> dict[str, float | int
     """The shared harness on torch eager, with the training thread count restored afterwards."""
     threads = torch.get_num_threads()
     try:
-        return latency_metrics(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads), ctx.data.input_shape,
+        return latency_metrics(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads, output_names=ctx.task.output_names),
+                               ctx.data.input_shape,
                                batch_size=ctx.cfg.data.batch_size, bench=ctx.cfg.bench)
     finally:
         torch.set_num_threads(threads)
@@ -180,29 +186,12 @@ def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
     cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
     if cfg.heal_epochs == 0:
         return []
-    head = s_tap = t_tap = None
-    loss_fn = None
-    if dcfg.method != "none":
-        teacher = load_frozen_teacher(ctx)
-        model.to(ctx.device)
-        if dcfg.method in ("mgd", "mgd+kd"):
-            m = dcfg.mgd
-            # Probed again on the pruned student: the align convs are sized to its new widths.
-            head = MGDHead(model, teacher, m.student_layers, m.teacher_layers, ctx.data.input_shape,
-                           alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
-            s_tap = FeatureTap(model, m.student_layers, role="student")
-            t_tap = FeatureTap(teacher, m.teacher_layers, role="teacher")
-        loss_fn = distill_loss(dcfg, teacher, head, s_tap, t_tap)
-    train, val = loaders(ctx)
-    try:
+    with distillation(ctx, model, dcfg.method) as (loss_fn, head):
+        train, val = loaders(ctx)
         history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
                       checkpoint=ctx.out_dir / "heal.checkpoint.pt", key=f"{ctx.key}:heal",
                       desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,
-                      loss_fn=loss_fn, extra=head)
-    finally:
-        for tap in (s_tap, t_tap):
-            if tap is not None:
-                tap.remove()
+                      task=ctx.task, num_classes=ctx.data.num_classes, loss_fn=loss_fn, extra=head)
     return history.epochs
 
 
@@ -217,39 +206,54 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
             log.info("prune: resuming from %s", saved.name)
             return rebuild_pruned(obj), obj["history"]
     torch.manual_seed(ctx.cfg.pipeline.seed)
-    model = build_model(dcfg.student, ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
-                        small_input=dcfg.small_input)
+    model = build_student(ctx.cfg, ctx.data.num_classes, weights="")
     model.load_state_dict(student.state_dict())
     history = prune_model(model, ctx, cfg, dcfg.student)
     payload = pruned_payload(model.cpu(), history, arch=dcfg.student, num_classes=ctx.data.num_classes,
-                             image_size=ctx.cfg.data.image_size, small_input=dcfg.small_input)
+                             image_size=ctx.cfg.data.image_size, small_input=dcfg.small_input,
+                             task=ctx.task.name)
     save_torch({**payload, "key": ctx.key}, saved)
     return model, payload["history"]
 
 
-@register("prune", order=30, inputs=("student", "teacher"), outputs=("pruned",),
-          config_keys=("prune", "distill", "data"), enabled=lambda cfg: cfg.prune.enabled)
+def preflight(cfg) -> None:
+    """Ignored layers exist, no layer would lose every channel, and Torch-Pruning can trace the
+    student: checked on a randomly initialised student before anything trains."""
+    if not cfg.prune.enabled:
+        return
+    task = get_task(cfg.pipeline.task)
+    with torch.random.fork_rng():  # probing must not shift the run's random stream
+        student = build_student(cfg, 10, weights="").eval()
+        make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune,
+                    cfg.distill.student, task)
+
+
+@register("prune", order=30, inputs=("student", "teacher"), reads=("distill", "teacher", "data"),
+          enabled=lambda cfg: cfg.prune.enabled, preflight=preflight,
+          artifacts={"pruned": ArtifactRole(model="student", runtime="torch", precision="fp32", target="torch",
+                                            supersedes="student")})
 def run(ctx: StageContext) -> StageResult:
     """Prune the distilled student, heal it with MGD, save it as plain data, record before/after."""
     cfg = ctx.cfg.prune
     shape = ctx.data.input_shape
     val = ctx.data.loader("val", ctx.cfg.data.batch_size)
+    task, n = ctx.task, ctx.data.num_classes
     student = load_student_file(ctx.inputs["student"], ctx).to(ctx.device)
     before = {
         "params_before": count_params(student),
         "macs_before": count_macs(student, shape),
         "size_bytes_before": Path(ctx.inputs["student"]).stat().st_size,
-        "accuracy_before": evaluate_module(student, val, ctx.device),
+        **{f"{k}_before": v for k, v in evaluate_module(student, val, ctx.device, task, n).items()},
     }
     model, prune_history = _pruned_unhealed(ctx, student)
     model.to(ctx.device)
-    before["accuracy_before_heal"] = evaluate_module(model, val, ctx.device)
+    before.update({f"{k}_before_heal": v for k, v in evaluate_module(model, val, ctx.device, task, n).items()})
     history = _heal(ctx, model)
     model.eval()
     path = ctx.out_dir / "pruned.pt"
     payload = pruned_payload(model.cpu(), prune_history, arch=ctx.cfg.distill.student,
                              num_classes=ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
-                             small_input=ctx.cfg.distill.small_input)
+                             small_input=ctx.cfg.distill.small_input, task=task.name)
     save_torch(payload, path)
     model.to(ctx.device)
 
@@ -268,7 +272,8 @@ def run(ctx: StageContext) -> StageResult:
     }
     result = StageResult(
         outputs={"pruned": path},
-        measure={"pruned": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads), model=model, path=path)},
+        measure={"pruned": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads, output_names=task.output_names),
+                                   model=model, path=path)},
         metrics={"pruned": metrics},
         history={"pruned": history} if history else {},
     )

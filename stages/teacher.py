@@ -14,36 +14,36 @@ import logging
 
 import torch
 
-from export.runtimes import TorchRuntime
-from pipeline.config import TeacherConfig
-from pipeline.models import build_model
+from pipeline.config import ConfigError, TeacherConfig
+from pipeline.manifest import ArtifactRole
+from pipeline.run_models import build_teacher, check_weights_file
 from pipeline.stage import Measure, StageContext, StageResult, register
-from stages._train import fit, loaders, save_torch, state_dict_cpu
+from pipeline.tasks import get_task
+from pipeline.torch_runtime import TorchRuntime
+from stages.training import fit, loaders, save_torch, state_dict_cpu
 
 log = logging.getLogger(__name__)
 
 Config = TeacherConfig
 
 
-def build_teacher(ctx: StageContext, weights: str | None = None) -> torch.nn.Module:
-    """The teacher architecture for this run's data (random, configured or given weights)."""
-    cfg: TeacherConfig = ctx.cfg.teacher
-    return build_model(
-        cfg.arch,
-        ctx.data.num_classes,
-        image_size=ctx.cfg.data.image_size,
-        small_input=cfg.small_input,
-        weights=cfg.weights if weights is None else weights,
-        base_dir=ctx.cfg.resolve("."),
-    )
+def preflight(cfg) -> None:
+    """The teacher architecture exists for the task and its `weights` file (if any) fits it."""
+    try:
+        get_task(cfg.pipeline.task).check_arch(cfg.teacher.arch)
+    except ConfigError as exc:
+        raise ConfigError(f"teacher.arch: {exc}") from None
+    if cfg.teacher.weights and not cfg.teacher.weights.startswith("torchvision:"):
+        check_weights_file(cfg, "teacher", build_teacher)
 
 
-@register("teacher", order=10, outputs=("teacher",), config_keys=("teacher", "data"))
+@register("teacher", order=10, reads=("data",), preflight=preflight,
+          artifacts={"teacher": ArtifactRole(model="teacher", runtime="torch", precision="fp32")})
 def run(ctx: StageContext) -> StageResult:
     """Train the teacher and save its state dict."""
     cfg: TeacherConfig = ctx.cfg.teacher
     torch.manual_seed(ctx.cfg.pipeline.seed)
-    model = build_teacher(ctx)
+    model = build_teacher(ctx.cfg, ctx.data.num_classes)
     train, val = loaders(ctx)
     history = fit(
         model,
@@ -54,12 +54,15 @@ def run(ctx: StageContext) -> StageResult:
         checkpoint=ctx.out_dir / "checkpoint.pt",
         key=ctx.key,
         desc=f"teacher {cfg.arch}",
+        task=ctx.task,
+        num_classes=ctx.data.num_classes,
     )
     path = ctx.out_dir / "teacher.pt"
     save_torch(state_dict_cpu(model), path)
     return StageResult(
         outputs={"teacher": path},
-        measure={"teacher": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads), model=model, path=path)},
+        measure={"teacher": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads,
+                                                 output_names=ctx.task.output_names), model=model, path=path)},
         metrics={"teacher": {"train_seconds": history.seconds, "epochs": len(history.epochs)}},
         history={"teacher": history.epochs},
     )

@@ -15,10 +15,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import dist, faults
@@ -29,12 +28,13 @@ from pipeline.ui import progress
 
 if TYPE_CHECKING:
     from pipeline.stage import StageContext
+    from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, images, labels) -> (loss, logits). The default is the task loss alone;
+# loss_fn(model, images, targets) -> (loss, model output). The default is the task loss alone;
 # distillation passes a closure that adds its terms.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 
 class TrainingError(RuntimeError):
@@ -43,7 +43,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class History:
-    """Per-epoch records: epoch, loss, train_acc, val_acc, lr, seconds."""
+    """Per-epoch records: epoch, loss, train_<m> (when the task has a running training metric),
+    val_<m> (the task's primary metric, e.g. val_acc, val_miou), lr, seconds."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
 
@@ -113,12 +114,12 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def task_loss(label_smoothing: float) -> LossFn:
-    """Cross-entropy on the model's logits."""
+def task_loss(task: "Task", optim: OptimConfig) -> LossFn:
+    """The task's own loss on the model's output."""
 
-    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(images)
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any]:
+        out = model(images)
+        return task.loss(out, targets, optim), out
 
     return loss_fn
 
@@ -135,6 +136,8 @@ def fit(
     desc: str,
     epochs: int | None = None,
     lr: float | None = None,
+    task: "Task",
+    num_classes: int,
     loss_fn: LossFn | None = None,
     extra: nn.Module | None = None,
 ) -> History:
@@ -149,7 +152,8 @@ def fit(
     """
     epochs = optim.epochs if epochs is None else epochs
     peak_lr = optim.lr if lr is None else lr
-    loss_fn = loss_fn or task_loss(optim.label_smoothing)
+    loss_fn = loss_fn or task_loss(task, optim)
+    val_key = f"val_{task.history_metric}"
     model.to(device)
     if extra is not None:
         extra.to(device)
@@ -178,7 +182,7 @@ def fit(
             dist.broadcast_parameters(extra)
 
     with progress() as bar:
-        task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="", visible=dist.is_main())
+        bar_task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="", visible=dist.is_main())
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
@@ -186,14 +190,14 @@ def fit(
                 extra.train()
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
-            loss_sum, correct, seen = 0.0, 0, 0
-            for batch_idx, (images, labels) in enumerate(train_loader):
+            loss_sum, correct, counted, seen = 0.0, 0, 0, 0
+            for batch_idx, (images, targets) in enumerate(train_loader):
                 images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
+                targets = task.targets_to(targets, device)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, logits = loss_fn(net, images, labels)
+                    loss, out = loss_fn(net, images, targets)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"{desc}: loss is {loss.item()} at epoch {epoch + 1} batch {batch_idx + 1}; "
@@ -214,24 +218,25 @@ def fit(
                     opt.step()
                 sched.step()
                 faults.point("train-step")
-                n = labels.numel()
+                n = task.batch_size_of(targets)
                 loss_sum += loss.item() * n
-                correct += int((logits.argmax(1) == labels).sum())
                 seen += n
-                bar.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
-            val_acc = evaluate_module(model, val_loader, device)
-            record = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / max(1, seen),
-                "train_acc": correct / max(1, seen),
-                "val_acc": val_acc,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
+                hits = task.train_correct(out, targets)
+                if hits is not None:
+                    correct += hits[0]
+                    counted += hits[1]
+                bar.update(bar_task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
+            val = evaluate_module(model, val_loader, device, task, num_classes)[task.metric]
+            record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen)}
+            if counted:
+                record[f"train_{task.history_metric}"] = correct / counted
+            record.update({val_key: val, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
             history.epochs.append(record)
             (log.info if dist.is_main() else log.debug)(
-                "%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1fs)",
-                desc, epoch + 1, epochs, record["loss"], record["train_acc"], val_acc, record["seconds"],
+                "%s epoch %d/%d: loss %.4f, %sval %s %.4f (%.1fs)",
+                desc, epoch + 1, epochs, record["loss"],
+                f"train {task.history_metric} {correct / counted:.4f}, " if counted else "", task.metric, val,
+                record["seconds"],
             )
             _save(checkpoint, key, epoch + 1, model, extra, opt, sched, scaler, train_loader, history)
     return history

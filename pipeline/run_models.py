@@ -1,4 +1,8 @@
-"""How a student artifact is stored and rebuilt, plain or pruned, without unpickling a module.
+"""The models of a run: the teacher and student built from the config, and how a student
+artifact is stored and rebuilt, plain or pruned, without unpickling a module.
+
+Every stage builds its models here (through the task), so the teacher and the student are
+built one way wherever they are needed.
 
 - A plain student (`student`, `student_baseline`) is the state dict of the configured
   `[distill] student` architecture.
@@ -14,13 +18,13 @@ Both load with `torch.load(..., weights_only=True)`: no module object is ever un
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
-from pipeline.models import build_model
+from pipeline.errors import ConfigError
+from pipeline.tasks import get_task
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -30,10 +34,53 @@ PRUNED_FORMAT = "edge-mgd-pruned"
 PRUNED_VERSION = 1
 
 
+def build_teacher(cfg: "Config", num_classes: int, weights: str | None = None) -> nn.Module:
+    """The `[teacher]` architecture for this run's task and data (configured or given weights)."""
+    t = cfg.teacher
+    return get_task(cfg.pipeline.task).build_model(
+        t.arch, num_classes, image_size=cfg.data.image_size, small_input=t.small_input,
+        weights=t.weights if weights is None else weights, base_dir=cfg.resolve("."))
+
+
+def build_student(cfg: "Config", num_classes: int, weights: str | None = None) -> nn.Module:
+    """The `[distill] student` architecture for this run's task and data (configured or given weights)."""
+    d = cfg.distill
+    return get_task(cfg.pipeline.task).build_model(
+        d.student, num_classes, image_size=cfg.data.image_size, small_input=d.small_input,
+        weights=d.weights if weights is None else weights, base_dir=cfg.resolve("."))
+
+
+def check_weights_file(cfg: "Config", table: str, build: Callable[["Config", int], nn.Module]) -> None:
+    """Build the model of `[<table>]` with its `weights` file loaded, now, in preflight: a
+    checkpoint for another architecture fails here, in one line, instead of after the teacher
+    trained for an hour. The data is read (for its class count) at most once per config."""
+    weights = getattr(cfg, table).weights
+    path = cfg.resolve(weights)
+    if not path.is_file():
+        raise ConfigError(f"{table}.weights = {weights!r}: file not found ({path})")
+    global _CLASS_COUNT
+    if _CLASS_COUNT is None or _CLASS_COUNT[0] is not cfg:
+        data = get_task(cfg.pipeline.task).load_data(cfg.data, cfg.pipeline.seed, cfg.resolve("."))
+        _CLASS_COUNT = (cfg, data.num_classes)
+    build(cfg, _CLASS_COUNT[1])
+
+
+_CLASS_COUNT: "tuple[Config, int] | None" = None  # (the config it was read for, its class count)
+
+
+def load_frozen_teacher(ctx: "StageContext") -> nn.Module:
+    """The trained teacher (the stage's `teacher` input) on the stage's device: eval mode, no gradients."""
+    teacher = build_teacher(ctx.cfg, ctx.data.num_classes, weights=str(ctx.inputs["teacher"]))
+    teacher.to(ctx.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def pruned_payload(model: nn.Module, history: list, *, arch: str, num_classes: int, image_size: int,
-                   small_input: str) -> dict[str, Any]:
+                   small_input: str, task: str = "classification") -> dict[str, Any]:
     """The plain-data record of a pruned model (see the module docstring)."""
-    return {
+    payload = {
         "format": PRUNED_FORMAT,
         "version": PRUNED_VERSION,
         "arch": arch,
@@ -44,6 +91,9 @@ def pruned_payload(model: nn.Module, history: list, *, arch: str, num_classes: i
         "history": [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if task != "classification":  # absent means classification (artifacts written before tasks existed)
+        payload["task"] = task
+    return payload
 
 
 def is_pruned_payload(obj: Any) -> bool:
@@ -57,8 +107,9 @@ def rebuild_pruned(payload: dict[str, Any]) -> nn.Module:
 
     if payload.get("version") != PRUNED_VERSION:
         raise ConfigError(f"pruned artifact version {payload.get('version')!r} is not supported (expected {PRUNED_VERSION})")
-    model = build_model(payload["arch"], payload["num_classes"], image_size=payload["image_size"],
-                        small_input=payload["small_input"])
+    task = get_task(payload.get("task", "classification"))
+    model = task.build_model(payload["arch"], payload["num_classes"], image_size=payload["image_size"],
+                             small_input=payload["small_input"])
     model.eval()
     example = torch.zeros(1, 3, payload["image_size"], payload["image_size"])
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
@@ -74,8 +125,7 @@ def load_student(path: Path, cfg: "Config", num_classes: int) -> nn.Module:
     if is_pruned_payload(obj):
         model = rebuild_pruned(obj)
     else:
-        model = build_model(cfg.distill.student, num_classes, image_size=cfg.data.image_size,
-                            small_input=cfg.distill.small_input)
+        model = build_student(cfg, num_classes, weights="")
         model.load_state_dict(obj, strict=True)
     return model.eval()
 

@@ -1,0 +1,39 @@
+"""Tasks: what the pipeline learns and how it is judged.
+
+A task module (``pipeline/tasks/<name>.py``) defines one :class:`~pipeline.tasks.base.Task`
+subclass and exposes an instance as ``TASK``. The training loop, evaluation, the latency
+harness and every export stage call the task; none of them tests for a task name. Adding a
+task is adding a module here and its name to ``[pipeline] task``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+from pipeline.errors import ConfigError
+from pipeline.tasks.base import Evaluator, Parity, Task
+
+__all__ = ["TASKS", "Evaluator", "Parity", "Task", "get_task"]
+
+# Every value `[pipeline] task` accepts (the config schema's Literal mirrors this tuple).
+TASKS = ("classification", "segmentation", "detection")
+
+
+@lru_cache(maxsize=None)
+def get_task(name: str) -> Task:
+    """The task named by ``[pipeline] task``; a :class:`ConfigError` when it is unknown or missing here."""
+    if name not in TASKS:
+        raise ConfigError(f"pipeline.task = {name!r}: allowed {', '.join(TASKS)}")
+    try:
+        module = importlib.import_module(f"pipeline.tasks.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"pipeline.tasks.{name}":
+            raise
+        raise ConfigError(f"pipeline.task = {name!r} is not available in this version; available: "
+                          f"{', '.join(t for t in TASKS if _exists(t))}") from None
+    return module.TASK
+
+
+def _exists(name: str) -> bool:
+    return importlib.util.find_spec(f"pipeline.tasks.{name}") is not None
