@@ -1,9 +1,14 @@
 """Plots for the run report: each function takes plain data and returns PNG bytes.
 
-- `accuracy_vs_latency`: the Pareto view, accuracy against latency p50 at batch 1 (log x),
-  one labelled point per artifact, the Pareto front highlighted;
-- `stage_bars`: accuracy and latency p50 per artifact, grouped by stage;
-- `training_curves`: loss and val accuracy per epoch for every artifact with a history.
+- `accuracy_vs_latency`: the Pareto view, the task's quality metric (accuracy, mIoU, mAP, ...)
+  against latency p50 at batch 1 (log x), one labelled point per artifact, the Pareto front
+  highlighted;
+- `stage_bars`: the quality metric and latency p50 per artifact, grouped by stage;
+- `training_curves`: loss and every recorded `train_*` / `val_*` metric per epoch for every
+  artifact with a history.
+
+Quality metrics are fractions 0..1, higher is better, drawn in %. The callers name them
+(`metric` for titles, `axis` for the axis label); the defaults are classification's accuracy.
 
 Missing data raises :class:`PlotDataMissing` with a sentence the report shows in place of the
 plot: a run that measured nothing yet still gets a report, never a crash. Figures are drawn
@@ -27,11 +32,11 @@ class PlotDataMissing(Exception):
 
 @dataclass(frozen=True)
 class Point:
-    """One artifact in the accuracy/latency plane."""
+    """One artifact in the quality/latency plane."""
 
     label: str
     latency_ms: float
-    accuracy: float  # 0..1
+    accuracy: float  # the task's quality metric (accuracy, mIoU, mAP, ...), 0..1
     reference: bool = False  # measured for comparison only (baseline, the teacher's own builds)
 
 
@@ -72,12 +77,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def accuracy_vs_latency(points: Sequence[Point]) -> bytes:
-    """Accuracy (%) against latency p50 at batch 1 (ms, log scale), every point labelled; the
-    Pareto front is drawn as a step line with filled markers, the rest hollow."""
+def _a(word: str) -> str:
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def accuracy_vs_latency(points: Sequence[Point], metric: str = "accuracy", axis: str = "top-1 accuracy") -> bytes:
+    """The quality metric (%) against latency p50 at batch 1 (ms, log scale), every point
+    labelled; the Pareto front is drawn as a step line with filled markers, the rest hollow."""
     pts = [p for p in points if _finite(p.latency_ms) and p.latency_ms > 0 and _finite(p.accuracy)]
     if not pts:
-        raise PlotDataMissing("no artifact has both an accuracy and a latency p50 yet")
+        raise PlotDataMissing(f"no artifact has both {_a(metric)} and a latency p50 yet")
     front = pareto_front(pts)
     on_front = {id(p) for p in front}
     fig, (ax,) = _figure(7.5, 4.6)
@@ -90,7 +99,7 @@ def accuracy_vs_latency(points: Sequence[Point]) -> bytes:
             linewidths=1.5,
         )
     if len(front) > 1:
-        # A step line: between two front points the best reachable accuracy is the slower one's.
+        # A step line: between two front points the best reachable quality is the slower one's.
         xs = [p.latency_ms for p in front]
         ys = [p.accuracy * 100 for p in front]
         ax.step(xs, ys, where="post", color="tab:orange", alpha=0.6, zorder=2, label="Pareto front")
@@ -98,8 +107,8 @@ def accuracy_vs_latency(points: Sequence[Point]) -> bytes:
     lo, hi = min(p.latency_ms for p in pts), max(p.latency_ms for p in pts)
     ax.set_xlim(lo / 1.6, hi * 1.9)  # room for the labels right of the slowest point
     ax.set_xlabel("latency p50 at batch 1 (ms, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("accuracy vs latency (filled: Pareto front; squares: reference builds)")
+    ax.set_ylabel(f"{axis} (%)")
+    ax.set_title(f"{metric} vs latency (filled: Pareto front; squares: reference builds)")
     ax.grid(True, which="both", alpha=0.3)
     if len(front) > 1:
         ax.legend(loc="lower right", fontsize=8)
@@ -130,19 +139,20 @@ def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float]]) -> None:
         taken.append(ann.get_window_extent(renderer))
 
 
-def stage_bars(rows: Sequence[tuple[str, float | None, float | None]]) -> bytes:
-    """Two bar charts side by side, one bar per `(label, accuracy 0..1, latency p50 ms)` row in
-    pipeline order: accuracy (%) and latency p50 at batch 1 (ms). A missing value leaves a gap."""
+def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: str = "accuracy",
+               axis: str = "top-1 accuracy") -> bytes:
+    """Two bar charts side by side, one bar per `(label, quality metric 0..1, latency p50 ms)` row
+    in pipeline order: the metric (%) and latency p50 at batch 1 (ms). A missing value leaves a gap."""
     rows = [(lab, a if _finite(a) else None, lat if _finite(lat) else None) for lab, a, lat in rows]
     if not any(a is not None or lat is not None for _, a, lat in rows):
-        raise PlotDataMissing("no stage has measured an accuracy or a latency yet")
+        raise PlotDataMissing(f"no stage has measured {_a(metric)} or a latency yet")
     labels = [r[0] for r in rows]
     fig, (ax_acc, ax_lat) = _figure(max(7.5, 0.9 * len(rows) + 3), 4.4, ncols=2)
     x = list(range(len(rows)))
     accs = [None if a is None else a * 100 for _, a, _ in rows]
-    # Accuracies of one model family differ by a few points: start the axis near them (and say so).
+    # Scores of one model family differ by a few points: start the axis near them (and say so).
     floor = max(0.0, math.floor(min(a for a in accs if a is not None) - 5)) if any(a is not None for a in accs) else 0.0
-    acc_label = "top-1 accuracy (%)" + (f", axis from {floor:.0f}%" if floor > 0 else "")
+    acc_label = f"{axis} (%)" + (f", axis from {floor:.0f}%" if floor > 0 else "")
     for ax, values, color, ylabel, fmt in (
         (ax_acc, accs, "tab:green", acc_label, "{:.1f}"),
         (ax_lat, [lat for _, _, lat in rows], "tab:purple", "latency p50, batch 1 (ms)", "{:.2f}"),
@@ -156,40 +166,65 @@ def stage_bars(rows: Sequence[tuple[str, float | None, float | None]]) -> bytes:
         ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-    ax_acc.set_title("accuracy per artifact")
+    ax_acc.set_title(f"{metric} per artifact")
     ax_lat.set_title("latency per artifact")
     return _png(fig)
 
 
-def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes:
-    """Training loss and val accuracy per epoch, one line per labelled history (teacher,
-    students, pruning's healing). Epochs without a value are skipped."""
-    series = {}
+# History keys name a metric after "train_" / "val_"; classification spells accuracy "acc".
+_CURVE_NAMES = {"acc": "top-1 accuracy"}
+_SPLITS = ("train", "val")
+
+
+def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                    metric_names: Mapping[str, str] | None = None) -> bytes:
+    """Training loss, and every `train_<metric>` / `val_<metric>` recorded (val_acc, train_acc,
+    val_miou, val_map, ...), per epoch, one colour per labelled history (teacher, students,
+    pruning's healing); train dashed, val solid. `metric_names` maps a metric to its display
+    name ("miou" → "mIoU"). Epochs without a value are skipped."""
+    names = {**_CURVE_NAMES, **(metric_names or {})}
+    series: dict[str, tuple[list, dict[tuple[str, str], list]]] = {}
     for label, epochs in histories.items():
-        loss = [(e.get("epoch", i + 1), e.get("loss")) for i, e in enumerate(epochs or ())]
-        acc = [(e.get("epoch", i + 1), e.get("val_acc")) for i, e in enumerate(epochs or ())]
+        epochs = list(epochs or ())
+        loss = [(e.get("epoch", i + 1), e.get("loss")) for i, e in enumerate(epochs)]
         loss = [(x, y) for x, y in loss if _finite(x) and _finite(y)]
-        acc = [(x, y) for x, y in acc if _finite(x) and _finite(y)]
-        if loss or acc:
-            series[label] = (loss, acc)
+        keys = dict.fromkeys(k for e in epochs for k in e if isinstance(k, str) and "_" in k
+                             and k.split("_", 1)[0] in _SPLITS and k.split("_", 1)[1] != "loss")
+        curves = {}
+        for key in keys:
+            split, metric = key.split("_", 1)
+            pts = [(e.get("epoch", i + 1), e.get(key)) for i, e in enumerate(epochs)]
+            pts = [(x, y) for x, y in pts if _finite(x) and _finite(y)]
+            if pts:
+                curves[(split, metric)] = pts
+        if loss or curves:
+            series[label] = (loss, curves)
     if not series:
         raise PlotDataMissing("no stage recorded a per-epoch training history")
+    metrics = list(dict.fromkeys(m for _, curves in series.values() for _, m in curves))
+    splits = [s for s in _SPLITS if any(s == sp for _, curves in series.values() for sp, _ in curves)]
     fig, (ax_loss, ax_acc) = _figure(9.5, 4.0, ncols=2)
-    for label, (loss, acc) in series.items():
+    colors = [f"C{i % 10}" for i in range(len(series))]
+    for color, (label, (loss, curves)) in zip(colors, series.items()):
         if loss:
-            ax_loss.plot([x for x, _ in loss], [y for _, y in loss], marker="o", markersize=3, label=label)
-        if acc:
-            ax_acc.plot([x for x, _ in acc], [y * 100 for _, y in acc], marker="o", markersize=3, label=label)
+            ax_loss.plot([x for x, _ in loss], [y for _, y in loss], marker="o", markersize=3, color=color, label=label)
+        for (split, metric), pts in curves.items():
+            parts = ([split] if len(splits) > 1 else []) + ([names.get(metric, metric)] if len(metrics) > 1 else [])
+            ax_acc.plot([x for x, _ in pts], [y * 100 for _, y in pts], marker="o", markersize=3, color=color,
+                        linestyle="--" if split == "train" else "-",
+                        label=f"{label} ({', '.join(parts)})" if parts else label)
     ax_loss.set_title("training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_acc.set_title("val accuracy")
+    shown = names.get(metrics[0], metrics[0]) if len(metrics) == 1 else "metrics"
+    ax_acc.set_title(f"{' / '.join(splits) or 'val'} {shown}")
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("top-1 accuracy (%)")
+    ax_acc.set_ylabel(f"{shown} (%)")
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return _png(fig)

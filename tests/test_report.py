@@ -4,6 +4,9 @@ terminal view (`python -m pipeline status RUN_DIR`).
 Most tests render a hand-built manifest of a full run (every stage, reference builds, a
 TensorRT engine that could not be built here, a failed stage, a ship decision), so they check
 exact numbers without training anything; one test renders the report of a real tiny run.
+The report derives everything from what the manifest declares (each artifact's role, the
+stage chain, the task and its metric), never from artifact names: `declare` adds those to a
+hand-built manifest the way the runner records them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pipeline import cli, plots
 from pipeline.manifest import Manifest, ManifestModel
 from pipeline.report import (
     build_sections, config_toml, load_run, measured_artifacts, render_html, render_markdown, same_runtime_teacher,
-    status_view, write_report,
+    status_view, summary_table, write_report,
 )
 from tests.conftest import run_cli
 
@@ -57,6 +60,44 @@ def _gate(gate, artifact, metric, value, budget, passed):
     return {"gate": gate, "artifact": artifact, "metric": metric, "value": value, "budget": budget, "passed": passed,
             "message": f"{gate} {'passed' if passed else 'FAILED' if passed is False else 'not measured'} on {artifact}: "
                        f"{value} (budget {budget})"}
+
+
+CHAIN = ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt"]
+CLASSIFICATION = {"name": "classification", "metric": "accuracy", "metrics": ["accuracy"]}
+SEGMENTATION = {"name": "segmentation", "metric": "miou", "metrics": ["miou", "pixel_accuracy"]}
+TRT_NOTE = "TensorRT Q/DQ model timed on ONNX Runtime CPU: signed INT8 is slow there, the engine's latency is not this"
+
+
+def _role(model="student", runtime=None, precision=None, **kw):
+    return {"model": model, "runtime": runtime, "precision": precision, **kw}
+
+
+# The roles the classification demo's stages declare (pipeline/manifest.py ArtifactRole).
+ROLES = {
+    "teacher": {"teacher": _role("teacher", "torch", "fp32")},
+    "distill": {"student": _role("student", "torch", "fp32", target="torch"),
+                "student_baseline": _role("baseline", "torch", "fp32")},
+    "prune": {"pruned": _role("student", "torch", "fp32", target="torch", supersedes="student")},
+    "onnx": {"onnx": _role("student", "onnxruntime", "fp32", target="onnxruntime"),
+             "onnx_int8": _role("student", "onnxruntime", "int8", target="onnxruntime", fp32="onnx"),
+             "teacher_onnx": _role("teacher", "onnxruntime", "fp32")},
+    "openvino": {"openvino_fp32": _role("student", "openvino", "fp32", target="openvino"),
+                 "openvino_int8": _role("student", "openvino", "int8", target="openvino", fp32="openvino_fp32"),
+                 "teacher_openvino_fp32": _role("teacher", "openvino", "fp32")},
+    "tensorrt": {"trt_qdq": _role("student", "onnxruntime", "int8", fp32="onnx", latency_note=TRT_NOTE),
+                 "trt_calib_cache": _role("none"),
+                 "trt_engine": _role("student", "tensorrt", "int8", target="tensorrt")},
+}
+
+
+def declare(data: dict, roles: dict = ROLES, chain: list = CHAIN, task: dict = CLASSIFICATION) -> dict:
+    """Add what the runner records next to the metrics: every stage's artifact roles, the
+    stage chain and the task. Returns `data`, changed in place."""
+    for stage, arts in roles.items():
+        if stage in data["stages"]:
+            data["stages"][stage]["artifacts"] = {**data["stages"][stage].get("artifacts", {}), **arts}
+    data.setdefault("pipeline", {}).update({"chain": list(chain), "task": dict(task)})
+    return data
 
 
 SHIP = {
@@ -143,6 +184,8 @@ def manifest_dict(evil: bool = False) -> dict:
         "stages": stages,
         "ship": SHIP,
     }
+    # student_kd gets no role: an artifact a manifest does not describe (an older manifest).
+    declare(data)
     if evil:
         stages[EVIL] = _stage("unavailable", reason=f"missing {EVIL} & friends [/bold] | pipe")
         stages["prune"]["warnings"] = [f"class {EVIL} has no images"]
@@ -249,7 +292,10 @@ def test_same_runtime_teacher_needs_the_teacher_build(manifest):
     rows = {r.name: r for r in measured_artifacts(manifest)}
     assert same_runtime_teacher("openvino_int8", rows) == "teacher_openvino_fp32"
     assert same_runtime_teacher("onnx", rows) == "teacher_onnx"
-    assert same_runtime_teacher("trt_qdq", rows) is None  # no teacher build measured that way
+    assert same_runtime_teacher("student", rows) == "teacher"  # torch eager: the teacher itself
+    assert same_runtime_teacher("trt_qdq", rows) is None  # its latency is not its target's (latency_note)
+    assert same_runtime_teacher("student_kd", rows) is None  # no role recorded: no runtime to match
+    assert same_runtime_teacher("teacher_onnx", rows) is None
     del rows["teacher_onnx"]
     assert same_runtime_teacher("onnx_int8", rows) is None
 
@@ -307,6 +353,187 @@ def test_config_toml_round_trips_through_tomllib():
     assert parsed["pipeline"] == cfg["pipeline"]
     assert parsed["gates"] == {"latency_ms": {"openvino_int8": 5.0}}  # unset values are comments
     assert parsed["distill"]["mgd"] == cfg["distill"]["mgd"]
+
+
+# -- derived from roles, chain and task, never from names -----------------------------------
+
+
+def _md_row(md: str, start: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith(start))
+
+
+def _seg_m(miou, pix, p50, *, size=30_000_000, params=7_500_000, macs=2_000_000_000):
+    """Metrics of a segmentation artifact: mIoU and pixel accuracy, no accuracy."""
+    m = {k: v for k, v in _m(0.0, p50, size=size, params=params, macs=macs).items() if k != "accuracy"}
+    return {**m, "miou": miou, "pixel_accuracy": pix}
+
+
+def _seg_hist(n, end_miou):
+    return [{"epoch": float(e), "loss": 1.0 / e, "val_miou": end_miou * e / n, "lr": 0.01, "seconds": 2.0}
+            for e in range(1, n + 1)]
+
+
+def segmentation_dict() -> dict:
+    """A segmentation run: mIoU is the task's metric, no artifact records an accuracy, and the
+    teacher's and students' builds have names that say nothing about what they are."""
+    stages = {
+        "teacher": _stage(metrics={"segformer_b2": _seg_m(0.712, 0.931, 20.0, size=110_000_000, params=27_000_000)},
+                          history={"segformer_b2": _seg_hist(3, 0.712)}),
+        "distill": _stage(config={"distill": {"method": "mgd+kd", "student": "segformer_b0", "baseline": True}},
+                          metrics={"b0_distilled": _seg_m(0.695, 0.924, 9.0), "b0_alone": _seg_m(0.680, 0.917, 9.0)},
+                          reference=["b0_alone"],
+                          history={"b0_distilled": _seg_hist(3, 0.695), "b0_alone": _seg_hist(3, 0.680)}),
+        "onnx": _stage(metrics={"onnx": _seg_m(0.694, 0.924, 4.0), "onnx_int8": _seg_m(0.688, 0.921, 2.5),
+                                "ref_onnx": _seg_m(0.712, 0.931, 10.0)},
+                       reference=["ref_onnx"],
+                       gates=[_gate("max_metric_drop", "onnx_int8", "mIoU drop vs teacher", 0.024, 0.03, True),
+                              _gate("max_int8_metric_drop", "onnx_int8", "mIoU drop vs onnx", 0.006, 0.01, True)]),
+    }
+    roles = {
+        "teacher": {"segformer_b2": _role("teacher", "torch", "fp32")},
+        "distill": {"b0_distilled": _role("student", "torch", "fp32", target="torch"),
+                    "b0_alone": _role("baseline", "torch", "fp32")},
+        "onnx": {"onnx": _role("student", "onnxruntime", "fp32", target="onnxruntime"),
+                 "onnx_int8": _role("student", "onnxruntime", "int8", target="onnxruntime", fp32="onnx"),
+                 "ref_onnx": _role("teacher", "onnxruntime", "fp32")},
+    }
+    data = {"format": 1, "pipeline": {"name": "seg-b2-to-b0", "seed": 0, "device": "cpu"}, "stages": stages}
+    return declare(data, roles, chain=["teacher", "distill", "onnx"], task=SEGMENTATION)
+
+
+def test_segmentation_report_shows_miou_everywhere(tmp_path, monkeypatch):
+    seen = {}
+    for fn in ("accuracy_vs_latency", "stage_bars", "training_curves"):
+        real = getattr(plots, fn)
+
+        def spy(*args, _real=real, _fn=fn, **kw):
+            seen[_fn] = (args, kw)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(plots, fn, spy)
+    m = write_manifest(tmp_path / "run", segmentation_dict())
+    md = render_markdown(m)
+
+    # artifact table: mIoU (the primary metric), its delta vs the teacher found by role, pixel accuracy
+    header = _md_row(md, "| stage | artifact |")
+    assert "| mIoU | Δ vs teacher | pixel accuracy |" in header and "| accuracy |" not in header
+    student = _md_row(md, "| distill | b0_distilled |")
+    assert student.startswith("| distill | b0_distilled | torch eager | fp32 | 69.50% | -1.70 pt | 92.40% | 9.00 |")
+    assert "2.22× | 2.22× vs segformer_b2 |" in student  # 20 / 9: vs the teacher, whatever its name
+    assert "4.00× vs ref_onnx" in _md_row(md, "| onnx | onnx_int8 |")  # the teacher's ONNX build: 10 / 2.5
+    assert "max_metric_drop ok, max_int8_metric_drop ok" in _md_row(md, "| onnx | onnx_int8 |")
+    assert "| onnx | ref_onnx (reference) | onnxruntime | fp32 |" in md
+    assert "| teacher | segformer_b2 | torch eager | fp32 | 71.20% | — |" in md  # the teacher is no reference row
+
+    # MGD gain in mIoU points
+    assert "| student | distillation | mIoU | Δ vs baseline | Δ vs teacher |" in md
+    assert "| b0_distilled | mgd+kd | 69.50% | +1.50 pt | -1.70 pt |" in md  # the method from the distill config
+    assert "| b0_alone | none (task loss only) | 68.00% | — | -3.20 pt |" in md
+    assert "MGD+KD gain over the student trained alone: +1.50 pt mIoU" in md
+
+    # INT8 vs FP32 in mIoU
+    assert "| INT8 mIoU | FP32 mIoU | Δ mIoU |" in md
+    assert "| onnxruntime | onnx_int8 | onnx | 2.50 | 4.00 | 1.60× | 68.80% | 69.40% | -0.60 pt |" in md
+
+    # plots: drawn from mIoU and labelled with it; the val_miou curves are plotted
+    imgs = [b for s in build_sections(m) for b in s.blocks if type(b).__name__ == "Img"]
+    assert [i.alt for i in imgs] == ["mIoU vs latency p50 (Pareto view)", "mIoU and latency per artifact", "training curves"]
+    points = seen["accuracy_vs_latency"][0][0]
+    assert {p.label: p.accuracy for p in points}["b0_distilled"] == 0.695
+    assert seen["accuracy_vs_latency"][1] == {"metric": "mIoU", "axis": "mIoU"}
+    assert seen["stage_bars"][1] == {"metric": "mIoU", "axis": "mIoU"}
+    assert seen["training_curves"][1]["metric_names"]["miou"] == "mIoU"
+
+    # the terminal summary too
+    from rich.console import Console
+
+    con = Console(record=True, width=200, color_system=None)
+    con.print(summary_table(m))
+    out = con.export_text()
+    assert "mIoU" in out and "accuracy" not in out
+    assert "69.50%" in next(line for line in out.splitlines() if "│ b0_distilled " in line)
+
+
+def test_training_curves_plot_any_val_or_train_metric():
+    names = {"miou": "mIoU", "map": "mAP", "map_50": "mAP@50"}
+    png = plots.training_curves({"student": _seg_hist(3, 0.7), "map": [{"epoch": 1, "val_map": 0.4, "val_map_50": 0.6}]},
+                                metric_names=names)
+    assert png.startswith(PNG)
+    # a val_<metric> alone is enough to plot, and it is drawn (the figure differs without it)
+    only_metric = plots.training_curves({"det": [{"epoch": 1, "val_map": 0.4}, {"epoch": 2, "val_map": 0.5}]}, names)
+    assert only_metric.startswith(PNG)
+    loss_only = [{k: v for k, v in e.items() if k != "val_miou"} for e in _seg_hist(3, 0.7)]
+    assert plots.training_curves({"student": _seg_hist(3, 0.7)}, names) != plots.training_curves({"student": loss_only}, names)
+    with pytest.raises(plots.PlotDataMissing):  # no loss and no train_/val_ metric: nothing to plot
+        plots.training_curves({"student": [{"epoch": 1, "lr": 0.1, "seconds": 1.0}]})
+
+
+def test_runtime_and_comparisons_come_from_roles_not_names(tmp_path):
+    data = manifest_dict()
+    ov = data["stages"]["openvino"]
+    size = dict(size=11_000_000, params=2797610, macs=140_000_000)
+    ov["metrics"].update({"foo_build": _m(0.947, 0.4, **size), "onnx_lookalike": _m(0.944, 0.25, **size),
+                          "openvino_mystery": _m(0.94, 0.3, **size)})
+    ov["artifacts"].update({
+        "foo_build": _role("student", "openvino", "fp32"),
+        # named like an ONNX build, declared as an OpenVINO INT8 build of foo_build
+        "onnx_lookalike": _role("student", "openvino", "int8", fp32="foo_build"),
+    })  # openvino_mystery: no role recorded, so nothing is guessed from its name
+    m = write_manifest(tmp_path / "run", data)
+    md = render_markdown(m)
+
+    foo = _md_row(md, "| openvino | foo_build |")
+    assert foo.startswith("| openvino | foo_build | openvino | fp32 | 94.70% | -1.55 pt |")
+    assert "3.25× vs teacher_openvino_fp32" in foo  # 1.3 / 0.4: the teacher's OpenVINO build
+    look = _md_row(md, "| openvino | onnx_lookalike |")
+    assert look.startswith("| openvino | onnx_lookalike | openvino | int8 |") and "5.20× vs teacher_openvino_fp32" in look
+    mystery = _md_row(md, "| openvino | openvino_mystery |")
+    assert mystery.startswith("| openvino | openvino_mystery | — | — | 94.00% |") and "vs teacher_" not in mystery
+    assert "| openvino | onnx_lookalike | foo_build | 0.25 | 0.40 | 1.60× | 94.40% | 94.70% | -0.30 pt |" in md
+
+    rows = {r.name: r for r in measured_artifacts(m)}
+    assert same_runtime_teacher("foo_build", rows) == "teacher_openvino_fp32"
+    assert same_runtime_teacher("openvino_mystery", rows) is None
+    assert rows["openvino_mystery"].runtime == "—" and rows["foo_build"].runtime == "openvino"
+
+
+def test_int8_table_shows_the_latency_note(manifest):
+    md = render_markdown(manifest)
+    int8_md = md.split("## INT8 vs FP32 per target", 1)[1].split("\n## ", 1)[0]
+    assert _md_row(int8_md, "| runtime | INT8 | FP32 |").endswith("| size INT8/FP32 | latency caveat |")
+    row = _md_row(int8_md, "| onnxruntime | trt_qdq | onnx |")
+    assert row.endswith(f"| {TRT_NOTE} |")  # the role's fp32 counterpart, and its caveat
+    assert _md_row(int8_md, "| openvino | openvino_int8 | openvino_fp32 |").endswith("| 0.27× |  |")
+    assert f"Latency caveat, trt_qdq: {TRT_NOTE}" in md.split("## Artifacts", 1)[1].split("\n## ", 1)[0]
+    # no note anywhere: no caveat column
+    data = manifest_dict()
+    del data["stages"]["tensorrt"]["artifacts"]["trt_qdq"]["latency_note"]
+    plain_md = render_markdown(write_manifest(manifest.workdir.parent / "plain", data))
+    assert "latency caveat" not in plain_md.lower()
+
+
+def test_stages_follow_the_recorded_chain(tmp_path):
+    data = manifest_dict()
+    data["stages"] = dict(reversed(list(data["stages"].items())))  # recorded in the wrong order
+    text = " ".join(_parse(render_html(write_manifest(tmp_path / "run", data))).text)
+    assert "teacher (ok) → distill (ok) → prune (ok) → onnx (ok) → openvino (ok) → tensorrt (ok) → export_tflite (failed)" in text
+    assert "ship: torch → pruned, onnxruntime → onnx_int8, openvino → openvino_int8, tensorrt → none" in text
+    del data["pipeline"]["chain"]  # an older manifest: the recorded order
+    text = " ".join(_parse(render_html(write_manifest(tmp_path / "old", data))).text)
+    assert "export_tflite (failed) → tensorrt (ok) → openvino (ok)" in text
+
+
+def test_manifest_without_task_or_roles_is_classification_with_unknown_runtimes(tmp_path):
+    data = manifest_dict()
+    del data["pipeline"]["task"], data["pipeline"]["chain"]
+    for rec in data["stages"].values():
+        rec.pop("artifacts", None)
+    m = write_manifest(tmp_path / "run", data)
+    md = render_markdown(m)
+    assert "| accuracy | Δ vs teacher |" in _md_row(md, "| stage | artifact |")
+    # no role: no teacher to compare with, no runtime, no INT8 pair; nothing guessed from the names
+    assert _md_row(md, "| openvino | openvino_int8 |").startswith("| openvino | openvino_int8 | — | — | 94.40% | — |")
+    assert "No INT8 build was measured next to its FP32 build" in md
 
 
 # -- safety --------------------------------------------------------------------------------

@@ -1,0 +1,215 @@
+"""What the report reads from a manifest: the task, the stages in pipeline order, the measured
+artifacts with their declared roles, and the lookups between them.
+
+Everything is derived from what the manifest records (`pipeline["task"]`, `pipeline["chain"]`,
+each stage's `artifacts` roles), never from artifact names: an artifact without a recorded
+role (an older manifest) shows an unknown runtime rather than a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pipeline.manifest import ArtifactRole, GateResult, Manifest, StageRecord
+from pipeline.report.fmt import diff, metric_label
+
+# Manifests written before the task was recorded are classification runs.
+DEFAULT_TASK = {"name": "classification", "metric": "accuracy", "metrics": ["accuracy"]}
+# How a role's runtime is shown, where it is not its own name.
+_RUNTIME_LABELS = {"torch": "torch eager"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """The run's task and its quality metrics (fractions 0..1, higher is better)."""
+
+    name: str
+    metric: str  # the primary metric: gated, plotted, compared with the teacher
+    metrics: tuple[str, ...]  # every quality metric recorded, the primary one first
+
+    @property
+    def label(self) -> str:
+        """The primary metric's display name: 'accuracy', 'mIoU', 'mAP'."""
+        return metric_label(self.metric)
+
+    @property
+    def others(self) -> tuple[str, ...]:
+        """The quality metrics besides the primary one."""
+        return tuple(m for m in self.metrics if m != self.metric)
+
+
+def task_of(manifest: Manifest) -> Task:
+    """The task recorded in `pipeline["task"]`; classification (accuracy) when absent."""
+    raw = manifest.model.pipeline.get("task")
+    raw = raw if isinstance(raw, dict) else DEFAULT_TASK
+    metric = raw.get("metric")
+    metric = metric if isinstance(metric, str) and metric else DEFAULT_TASK["metric"]
+    listed = raw.get("metrics") if isinstance(raw.get("metrics"), list) else []
+    metrics = [metric] + [m for m in listed if isinstance(m, str) and m and m != metric]
+    return Task(str(raw.get("name") or DEFAULT_TASK["name"]), metric, tuple(dict.fromkeys(metrics)))
+
+
+def runtime_label(runtime: str | None) -> str:
+    """'torch' → 'torch eager'; '—' when unknown."""
+    return _RUNTIME_LABELS.get(runtime, runtime) if runtime else "—"
+
+
+def ordered_stages(manifest: Manifest) -> list[tuple[str, StageRecord]]:
+    """Stages in pipeline order (`pipeline["chain"]`), stages outside the chain after, as
+    recorded; the recorded order when the manifest has no chain."""
+    chain = manifest.model.pipeline.get("chain")
+    order = {str(s): i for i, s in enumerate(chain)} if isinstance(chain, list) else {}
+    names = list(manifest.stages)
+    return [(n, manifest.stages[n]) for n in sorted(names, key=lambda n: (order.get(n, len(order)), names.index(n)))]
+
+
+def plain(x: Any) -> Any:
+    """A pydantic model (or containers of them) as plain dicts and lists."""
+    if hasattr(x, "model_dump"):
+        return plain(x.model_dump(mode="json"))
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+def target_order(manifest: Manifest) -> list[str]:
+    """Deployment targets in the order their builds appear in the pipeline (from the roles)."""
+    targets: list[str] = []
+    for _, rec in ordered_stages(manifest):
+        for role in rec.artifacts.values():
+            if role.target and role.target not in targets:
+                targets.append(role.target)
+    return targets
+
+
+def ship_choices(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """The build chosen to ship per target (`manifest.model.ship`), as plain dicts, targets in
+    pipeline order (others after, as recorded); {} when this manifest has no such section."""
+    ship = plain(getattr(manifest.model, "ship", None) or {})
+    if not isinstance(ship, dict):
+        return {}
+    order = {t: i for i, t in enumerate(target_order(manifest))}
+    items = [(str(k), v) for k, v in ship.items() if isinstance(v, dict)]
+    items.sort(key=lambda kv: order.get(kv[0], len(order)))  # stable: unknown targets keep their order
+    return dict(items)
+
+
+@dataclass
+class ArtifactRow:
+    """One measured artifact: where it came from, its declared role, and what was measured."""
+
+    stage: str
+    name: str
+    status: str
+    reference: bool
+    metrics: dict[str, Any]
+    gates: list[GateResult] = field(default_factory=list)
+    role: ArtifactRole | None = None  # None: not recorded (a manifest older than roles)
+
+    @property
+    def runtime(self) -> str:
+        """Where it was measured: torch eager, onnxruntime, openvino, tensorrt; '—' if unknown.
+        A `runtime` entry in the artifact's metrics wins over the role."""
+        return str(self.metrics.get("runtime") or runtime_label(self.role.runtime if self.role else None))
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8; '—' if unknown. A `precision` entry in the metrics wins."""
+        return str(self.metrics.get("precision") or (self.role.precision if self.role else None) or "—")
+
+    @property
+    def model(self) -> str | None:
+        """Whose build this is: teacher, student, baseline; None when no role is recorded."""
+        return self.role.model if self.role else None
+
+    @property
+    def is_teacher(self) -> bool:
+        """The teacher in torch: what every 'vs teacher' figure compares with."""
+        return self.role is not None and self.role.model == "teacher" and self.role.runtime == "torch"
+
+    @property
+    def latency_note(self) -> str | None:
+        """Why the measured latency is not the target's (the build is never latency-gated)."""
+        return self.role.latency_note if self.role else None
+
+
+def measured_artifacts(manifest: Manifest) -> list[ArtifactRow]:
+    """Every artifact with a measured quality metric or latency, in pipeline order."""
+    task = task_of(manifest)
+    rows = []
+    for stage, rec in ordered_stages(manifest):
+        for name, m in rec.metrics.items():
+            role = rec.artifacts.get(name)
+            if not isinstance(m, dict) or (role is not None and role.model == "none"):
+                continue
+            if any(k in m for k in task.metrics) or "latency_p50_ms" in m:
+                row = ArtifactRow(stage, name, rec.status, False, m, [g for g in rec.gates if g.artifact == name], role)
+                # The teacher in torch is the baseline of every comparison, not a reference row.
+                row.reference = name in rec.reference or (role is not None and role.reference and not row.is_teacher)
+                rows.append(row)
+    return rows
+
+
+def teacher_row(rows: list[ArtifactRow]) -> ArtifactRow | None:
+    """The teacher's torch build (role model teacher, runtime torch), when it was measured."""
+    return next((r for r in rows if r.is_teacher), None)
+
+
+def delta_vs_teacher(row: ArtifactRow, teacher: ArtifactRow | None, metric: str) -> float | None:
+    """The row's metric minus the teacher's; None for the teacher itself or when unmeasured."""
+    if teacher is None or row is teacher:
+        return None
+    return diff(row.metrics.get(metric), teacher.metrics.get(metric))
+
+
+def same_runtime_teacher(name: str, by_name: dict[str, ArtifactRow]) -> str | None:
+    """Name of the teacher's own FP32 build on `name`'s runtime, when that build was measured:
+    only against it does a speedup say what compression bought (torch eager at small inputs is
+    dominated by per-op overhead). None for the teacher's builds, artifacts without a role, and
+    builds whose latency is not their target's (`latency_note`)."""
+    row = by_name.get(name)
+    if row is None or row.role is None or row.role.model == "teacher" or not row.role.runtime or row.latency_note:
+        return None
+    return next((n for n, r in by_name.items() if r.role is not None and r.role.model == "teacher"
+                 and r.role.runtime == row.role.runtime and r.role.precision == "fp32"), None)
+
+
+def int8_pairs(rows: list[ArtifactRow]) -> list[tuple[ArtifactRow, ArtifactRow]]:
+    """(INT8 build, its FP32 counterpart on the same runtime) for every measured build whose
+    role names an `fp32` counterpart that was measured too, in pipeline order."""
+    by_name = {r.name: r for r in rows}
+    return [(r, by_name[r.role.fp32]) for r in rows if r.role is not None and r.role.fp32 in by_name]
+
+
+def training_method(row: ArtifactRow, method: str) -> str:
+    """How a distill-stage artifact was trained: the configured method for the student, the
+    task loss alone for the baseline, '—' when its role is not recorded."""
+    return {"student": method, "baseline": "none (task loss only)"}.get(row.model or "", "—")
+
+
+def gate_text(g: GateResult) -> str:
+    """'max_accuracy_drop ok' / 'latency_ms FAIL' / '… not measured'."""
+    verdict = "ok" if g.passed else "FAIL" if g.passed is False else "not measured"
+    return f"{g.gate} {verdict}"
+
+
+def cached_state(rec: StageRecord, run_started: str, last_run: dict | None = None, name: str = "") -> str:
+    """Whether the last run re-used this stage from the cache: from the runner's `last_run`
+    record ('yes', 'no', or 'not run' for a stage the last run did not visit); manifests
+    written before that record existed fall back to comparing timestamps. Only records the
+    cache can re-use (ok, gate_failed, unavailable) can be cached."""
+    if rec.status not in ("ok", "gate_failed", "unavailable"):
+        return "—"
+    if isinstance(last_run, dict) and name:
+        if name in last_run.get("cached", []):
+            return "yes"
+        return "no" if name in last_run.get("visited", []) else "not run"
+    try:
+        ended, started = datetime.fromisoformat(rec.ended), datetime.fromisoformat(run_started)
+    except (TypeError, ValueError):
+        return "?"
+    return "yes" if ended < started else "no"
