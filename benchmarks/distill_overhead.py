@@ -21,9 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DistillConfig
+from pipeline.config import from_dict
 from pipeline.models import build_model
-from stages.distill import distill_loss
+from pipeline.tasks import get_task
 from stages.mgd import FeatureTap, MGDHead
 
 
@@ -33,7 +33,8 @@ def _step_fns(teacher_arch: str, student_arch: str, size: int, batch: int, small
     teacher = build_model(teacher_arch, 10, image_size=size, small_input=small_input).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cfg = DistillConfig(student=student_arch, method="mgd")
+    cfg = from_dict({"distill": {"student": student_arch, "method": "mgd"}}).distill  # the task's MGD defaults
+    task = get_task("classification")
     head = MGDHead(student, teacher, cfg.mgd.student_layers, cfg.mgd.teacher_layers, (3, size, size),
                    alpha=cfg.mgd.alpha, mask_ratio=cfg.mgd.mask_ratio, mask=cfg.mgd.mask)
     x = torch.randn(batch, 3, size, size)
@@ -58,7 +59,12 @@ def _step_fns(teacher_arch: str, student_arch: str, size: int, batch: int, small
 
     s_tap = FeatureTap(student, cfg.mgd.student_layers, role="student")
     t_tap = FeatureTap(teacher, cfg.mgd.teacher_layers, role="teacher")
-    mgd_loss = distill_loss(cfg, teacher, head, s_tap, t_tap)
+    def mgd_loss(model, images, labels):
+        # What stages/distillation.py builds for method "mgd": task loss + MGD on the tapped features.
+        logits = model(images)
+        with torch.no_grad():
+            teacher(images)
+        return task.loss(logits, labels, cfg) + head(s_tap.take(), t_tap.take()), logits
 
     def c():
         loss, _ = mgd_loss(student, x, y)

@@ -32,6 +32,7 @@ from pipeline.bench import measure_latency, resolve_threads  # noqa: E402
 from pipeline.config import PruneConfig  # noqa: E402
 from pipeline.evaluate import count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.tasks import get_task  # noqa: E402
 from stages.prune import make_pruner  # noqa: E402
 
 
@@ -86,7 +87,8 @@ def main() -> None:
                 torch.manual_seed(0)
                 model = build_model(args.arch, classes, image_size=size, small_input="off").eval()
                 if ratio > 0:
-                    pruner = make_pruner(model, torch.zeros(1, 3, size, size), PruneConfig(ratio=ratio), args.arch)
+                    pruner = make_pruner(model, torch.zeros(1, 3, size, size), PruneConfig(ratio=ratio), args.arch,
+                                         get_task("classification"))
                     pruner.step()
                 macs = count_macs(model, (3, size, size))
                 base_macs = base_macs or macs

@@ -44,11 +44,39 @@ class PipelineConfig(_Section):
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+class ScenesConfig(_Section):
+    """The embedded scene generator: scikit-learn's digits composed into larger canvases."""
+
+    train_images: int = Field(2000, ge=2, le=200_000, description="Scenes generated for training (digits from the train pool).")
+    val_images: int = Field(500, ge=1, le=100_000, description="Scenes generated for evaluation (digits from a disjoint pool).")
+    min_digits: int = Field(2, ge=1, le=20, description="Fewest digits attempted per canvas.")
+    max_digits: int = Field(5, ge=1, le=20, description="Most digits attempted per canvas.")
+    min_scale: float = Field(0.18, gt=0, le=1, description="Smallest digit side as a fraction of the canvas side.")
+    max_scale: float = Field(0.45, gt=0, le=1, description="Largest digit side as a fraction of the canvas side.")
+    min_contrast: float = Field(0.35, ge=0, le=1, description="A digit's peak intensity is uniform in [min_contrast, 1].")
+    clutter: int = Field(3, ge=0, le=50, description="Distractor stroke fragments per canvas (labelled background).")
+    noise: float = Field(0.03, ge=0, le=1, description="Std of the gaussian pixel noise.")
+    ignore_border: int = Field(1, ge=0, le=8, description="Pixels around each digit's strokes labelled 255 (ignore); 0 disables.")
+    max_overlap: float = Field(0.2, ge=0, le=1, description="Largest IoU between two digits' boxes.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ScenesConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError("data.scenes: min_digits must be <= max_digits")
+        if self.min_scale > self.max_scale:
+            raise ValueError("data.scenes: min_scale must be <= max_scale")
+        return self
+
+
 class DataConfig(_Section):
-    source: Literal["digits", "imagefolder", "torchvision"] = Field(
-        "digits", description="digits (embedded, scikit-learn) | imagefolder | torchvision"
+    source: Literal["digits", "imagefolder", "torchvision", "scenes", "masks"] = Field(
+        "digits", description="digits (embedded, scikit-learn) | imagefolder | torchvision (classification); "
+                              "scenes (embedded) | masks (segmentation)"
     )
-    root: str = Field("", description="imagefolder: root/train/<class>/*, root/val/<class>/*; torchvision: download root.")
+    root: str = Field("", description="imagefolder: root/train/<class>/*, root/val/<class>/*; masks: root/{train,val}/{images,masks}/*; torchvision: download root.")
+    num_classes: int = Field(0, ge=0, le=255, description="masks: classes including background (mask value = class index, 255 = ignore).")
+    class_names: list[str] = Field([], description="masks: optional class names, num_classes of them (background first).")
+    scenes: ScenesConfig = Field(default_factory=ScenesConfig)
     name: str = Field("", description="torchvision dataset class name, e.g. 'CIFAR10'.")
     download: bool = Field(False, description="torchvision: allow downloading the dataset (needs a network).")
     image_size: int = Field(32, ge=8, le=1024, description="Square input side in pixels.")
@@ -71,6 +99,14 @@ class DataConfig(_Section):
             raise ValueError("data.root: source 'imagefolder' needs root = path with train/ and val/ subfolders")
         if self.source == "torchvision" and not self.name:
             raise ValueError("data.name: source 'torchvision' needs name = a torchvision dataset class, e.g. 'CIFAR10'")
+        if self.source == "masks":
+            if not self.root:
+                raise ValueError("data.root: source 'masks' needs root = path with train/images, train/masks, "
+                                 "val/images and val/masks")
+            if self.num_classes < 2:
+                raise ValueError("data.num_classes: source 'masks' needs the class count, background included (>= 2)")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"data.class_names: {len(self.class_names)} names for num_classes = {self.num_classes}")
         return self
 
 
@@ -306,7 +342,12 @@ def _apply_task_defaults(cfg: Config) -> None:
     from pipeline.tasks import get_task
 
     task = get_task(cfg.pipeline.task)
-    for table, defaults in ((cfg.distill.mgd, task.mgd_defaults), (cfg.distill.kd, task.kd_defaults)):
+    if cfg.data.source not in task.sources:
+        raise ConfigError(f"data.source = {cfg.data.source!r} does not fit pipeline.task = {task.name!r}; "
+                          f"allowed: {', '.join(task.sources)}")
+    layers = {"teacher_layers": task.default_layers(cfg.teacher.arch),
+              "student_layers": task.default_layers(cfg.distill.student)}
+    for table, defaults in ((cfg.distill.mgd, {**task.mgd_defaults, **layers}), (cfg.distill.kd, task.kd_defaults)):
         for key, value in defaults.items():
             if getattr(table, key) is None:
                 try:

@@ -42,12 +42,14 @@ def speedup(teacher: dict[str, Any] | None, metrics: dict[str, Any]) -> float | 
 
 
 def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: GatesConfig,
-                metric: str = "accuracy") -> list[GateResult]:
+                metric: str = "accuracy", measured: dict[str, dict] | None = None) -> list[GateResult]:
     """Evaluate every configured gate on one stage's metrics.
 
     `teacher` is the teacher's own metrics (quality and latency in torch eager), or None when
     the teacher has not been measured, in which case teacher-relative gates are `unmeasured`.
-    `metric` is the task's primary quality metric.
+    `metric` is the task's primary quality metric. `measured` holds every artifact's metrics in
+    the run, where an INT8 build's FP32 counterpart from an earlier stage is found (default:
+    this record's).
     """
     results: list[GateResult] = []
     roles = record.artifacts
@@ -63,7 +65,7 @@ def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: Gate
         if gates.min_speedup_vs_teacher > 0 and "latency_p50_ms" in metrics and not role.latency_note:
             results.append(_verdict("min_speedup_vs_teacher", artifact, "speedup vs teacher (p50, batch 1)",
                                     speedup(teacher, metrics), gates.min_speedup_vs_teacher, ">="))
-    results += _int8_gates(record, roles, gates, metric)
+    results += _int8_gates(record, roles, gates, metric, record.metrics if measured is None else measured)
     # Latency budgets are keyed by artifact name and apply to references too: a user who
     # budgets an artifact by name wants it checked whatever role it plays.
     for artifact, budget in gates.latency_ms.items():
@@ -75,8 +77,9 @@ def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: Gate
     return results
 
 
-def _int8_gates(record: StageRecord, roles: dict[str, ArtifactRole], gates: GatesConfig, metric: str) -> list[GateResult]:
-    """INT8 builds vs their FP32 counterparts on the same runtime, both in this stage."""
+def _int8_gates(record: StageRecord, roles: dict[str, ArtifactRole], gates: GatesConfig, metric: str,
+                measured: dict[str, dict]) -> list[GateResult]:
+    """INT8 builds of this stage vs their FP32 counterparts on the same runtime."""
     results: list[GateResult] = []
     drop = gates.int8_metric_drop()
     for int8, role in roles.items():
@@ -84,7 +87,7 @@ def _int8_gates(record: StageRecord, roles: dict[str, ArtifactRole], gates: Gate
         if role.fp32 is None or not isinstance(q, dict):
             continue
         fp32 = role.fp32
-        f = record.metrics.get(fp32)
+        f = measured.get(fp32)
         f = f if isinstance(f, dict) else {}
         if gates.min_int8_speedup > 0 and "latency_p50_ms" in q and not role.latency_note:
             ratio = f["latency_p50_ms"] / q["latency_p50_ms"] if f.get("latency_p50_ms") and q["latency_p50_ms"] else None

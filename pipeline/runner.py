@@ -127,10 +127,10 @@ def select(stages: list[Stage], opts: RunOptions) -> list[str]:
         for v in values:
             if v not in names:
                 raise ConfigError(f"{flag} {v!r}: no such stage; stages are {', '.join(names)}")
-    known = targets()
+    known = targets(stages)
     if opts.target is not None and opts.target not in known:
         raise ConfigError(f"--target {opts.target!r}: no such target; targets are {', '.join(known)}")
-    keep = stages_for_target(opts.target) if opts.target else set(names)
+    keep = stages_for_target(opts.target, stages) if opts.target else set(names)
     if opts.only:
         return [n for n in names if n in opts.only and n in keep]
     lo = names.index(opts.from_stage) if opts.from_stage else 0
@@ -331,6 +331,13 @@ class Runner:
             ctx._data = data_holder["data"]  # load the dataset once per run
         return ctx
 
+    def _data(self, ctx: StageContext):
+        """The run's dataset for measuring (the runner's job, whatever tables the stage reads)."""
+        if ctx._data is None:
+            ctx._data = get_task(self.cfg.pipeline.task).load_data(self.cfg.data, self.cfg.pipeline.seed,
+                                                                   self.cfg.resolve("."))
+        return ctx._data
+
     def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int]:
         import torch
 
@@ -353,7 +360,8 @@ class Runner:
             if outside:  # artifacts live in the workdir: a path must never write (or point) elsewhere
                 raise RuntimeError(f"artifacts {sorted(outside)} are outside the workdir {root}")
             dist.barrier()  # rank 0 has written the outputs that every rank now hashes
-            data_holder["data"] = ctx.data
+            data = self._data(ctx)
+            data_holder["data"] = data
             metrics = {k: dict(v) for k, v in result.metrics.items()}
             # Measuring is rank 0's job; the others wait at the barrier below.
             for name, m in (result.measure.items() if dist.is_main() else ()):
@@ -361,9 +369,9 @@ class Runner:
                 threads = torch.get_num_threads()
                 try:
                     measured = measure(
-                        m.runtime, val_loader=ctx.data.loader("val", self.cfg.data.batch_size),
-                        input_shape=ctx.data.input_shape, batch_size=self.cfg.data.batch_size,
-                        bench=self.cfg.bench, task=ctx.task, num_classes=ctx.data.num_classes,
+                        m.runtime, val_loader=data.loader("val", self.cfg.data.batch_size),
+                        input_shape=data.input_shape, batch_size=self.cfg.data.batch_size,
+                        bench=self.cfg.bench, task=ctx.task, num_classes=data.num_classes,
                         model=m.model, artifact_path=m.path,
                     )
                 finally:
@@ -416,7 +424,10 @@ class Runner:
                 s = gates_mod.speedup(teacher, m)
                 if s is not None:
                     m["speedup_vs_teacher"] = s
-        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates, get_task(self.cfg.pipeline.task).metric)
+        # An INT8 build's FP32 counterpart may come from an earlier stage (trt_qdq vs onnx).
+        measured = {a: m for rec in manifest.stages.values() for a, m in rec.metrics.items() if isinstance(m, dict)}
+        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates, get_task(self.cfg.pipeline.task).metric,
+                                             measured={**measured, **record.metrics})
         failed = any(g.passed is False for g in record.gates)
         if record.status in ("ok", "gate_failed"):
             record.status = "gate_failed" if failed else "ok"

@@ -98,7 +98,7 @@ def _decide(target: str, candidates: list[dict], pending: list[str], unavailable
     int8 = next((c for c in candidates if c["precision"] == "int8"), None)
     if best["precision"] == "int8" and fp32 is not None and fp32["passes"]:
         reason = (f"INT8 is {fp32['latency_p50_ms'] / best['latency_p50_ms']:.2f}x faster than FP32 at p50 "
-                  f"({_fmt_ms(best['latency_p50_ms'])} vs {_fmt_ms(fp32['latency_p50_ms'])}) and passes the accuracy gates")
+                  f"({_fmt_ms(best['latency_p50_ms'])} vs {_fmt_ms(fp32['latency_p50_ms'])}) and passes the quality gates")
     elif best["precision"] == "fp32" and int8 is not None:
         if not int8["passes"]:
             reason = f"shipping FP32: the INT8 build does not qualify ({int8['why']})"

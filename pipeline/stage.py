@@ -210,33 +210,28 @@ def load_stages() -> list[Stage]:
     return sorted(REGISTRY.values(), key=lambda s: s.order)
 
 
-def roles() -> dict[str, ArtifactRole]:
-    """Every declared artifact's role, by artifact name."""
-    return {name: role for stage in load_stages() for name, role in stage.artifacts.items()}
+def roles(stages: list[Stage] | None = None) -> dict[str, ArtifactRole]:
+    """Every declared artifact's role, by artifact name (of `stages`, default: the registry)."""
+    return {name: role for stage in (stages or load_stages()) for name, role in stage.artifacts.items()}
 
 
-def producers() -> dict[str, str]:
-    """Artifact name → the stage that declares it."""
-    return {name: stage.name for stage in load_stages() for name in stage.artifacts}
-
-
-def targets() -> list[str]:
+def targets(stages: list[Stage] | None = None) -> list[str]:
     """Every deployment target some artifact ships to, in chain order."""
     out: list[str] = []
-    for role in roles().values():
+    for role in roles(stages).values():
         if role.target and role.target not in out:
             out.append(role.target)
     return out
 
 
-def stages_for_target(target: str) -> set[str]:
+def stages_for_target(target: str, stages: list[Stage] | None = None) -> set[str]:
     """The stages a deployment target needs: those shipping to it, and what they need, transitively."""
-    stages = {s.name: s for s in load_stages()}
-    made_by = producers()
-    need = {s.name for s in stages.values() if any(r.target == target for r in s.artifacts.values())}
+    by_name = {s.name: s for s in (stages or load_stages())}
+    made_by = {art: s.name for s in by_name.values() for art in s.artifacts}
+    need = {s.name for s in by_name.values() if any(r.target == target for r in s.artifacts.values())}
     todo = list(need)
     while todo:
-        for spec in stages[todo.pop()].inputs:
+        for spec in by_name[todo.pop()].inputs:
             if spec.endswith("?"):
                 continue  # optional: used when produced anyway
             for art in spec.split("|"):
@@ -256,8 +251,9 @@ def check_config(cfg: "Config") -> None:
         if role is None:
             close = difflib.get_close_matches(name, list(known), n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ConfigError(f"gates.latency_ms.{name}: unknown artifact; {hint}allowed: {', '.join(known)}")
+            raise ConfigError(f"gates.latency_ms: unknown artifact {name!r}; {hint}allowed: {', '.join(known)}")
         if role.latency_note:
-            raise ConfigError(f"gates.latency_ms.{name}: its latency is not budgeted ({role.latency_note})")
+            raise ConfigError(f"gates.latency_ms.{name}: its measured latency is not its target's, so it cannot be "
+                              f"budgeted ({role.latency_note})")
         if role.runtime is None:
             raise ConfigError(f"gates.latency_ms.{name}: {name} is a file, not a model; it has no latency")

@@ -22,6 +22,7 @@ class FakeRuntime:
     """Records every call; `infer` takes `durations(i)` seconds on call i (0-based)."""
 
     name = "fake"
+    output_names = ("logits",)
     device = "cpu"
 
     def __init__(self, durations=lambda i: 0.0, threads: int = 3, clock: "FakeClock | None" = None):
@@ -45,8 +46,8 @@ class FakeRuntime:
             time.sleep(d)
         return prepared
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return np.zeros((len(batch), 2), dtype=np.float32)
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": np.zeros((len(batch), 2), dtype=np.float32)}
 
 
 class FakeClock:
@@ -187,7 +188,31 @@ def test_latency_metrics_keys_threads_and_runs(fake_clock):
 # --- TorchRuntime ----------------------------------------------------------------------------
 
 
-def test_torch_runtime_predict_matches_module():
+class _TwoHeads(nn.Module):
+    """A model with two raw outputs, returned as a tuple or a dict."""
+
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        a, b = x.mean(dim=(2, 3)), x.amax(dim=(1, 2, 3))
+        return {"scores": a, "peaks": b} if self.as_dict else (a, b)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_torch_runtime_returns_every_output_by_name(as_dict):
+    x = np.random.default_rng(0).standard_normal((2, *SHAPE), dtype=np.float32)
+    rt = TorchRuntime(_TwoHeads(as_dict), threads=1, output_names=("scores", "peaks"))
+
+    out = rt.outputs(x)
+
+    assert list(out) == ["scores", "peaks"]
+    np.testing.assert_allclose(out["scores"], x.mean(axis=(2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(out["peaks"], x.max(axis=(1, 2, 3)), rtol=1e-6)
+
+
+def test_torch_runtime_outputs_match_module():
     model = _tiny_cnn()
     x = np.random.default_rng(0).standard_normal((4, *SHAPE), dtype=np.float32)
     model.eval()
@@ -196,9 +221,11 @@ def test_torch_runtime_predict_matches_module():
     model.train()
 
     rt = TorchRuntime(model, threads=1)
-    got = rt.predict(x)
+    outputs = rt.outputs(x)
+    got = outputs["logits"]
 
     assert isinstance(rt, Runtime)
+    assert list(outputs) == ["logits"]
     assert got.dtype == np.float32 and got.shape == (4, 5)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not model.training  # the runtime runs the model in eval mode

@@ -236,7 +236,7 @@ def test_bad_image_mid_run_is_one_line_exit_2_and_keeps_earlier_work(tmp_path, t
 def test_disk_full_on_artifact_write_is_exit_2_and_loses_nothing(tmp_path, tiny_config, monkeypatch, capsys):
     import errno
 
-    from stages import _train
+    from stages import training as _train
 
     path = tiny_config(TEACHER_ONLY)
     assert cli.main(["run", str(path), "--until", "teacher"]) == 0

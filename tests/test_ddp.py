@@ -42,7 +42,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
-    from stages._train import fit
+    from pipeline.tasks import get_task
+    from stages.training import fit
     from stages.mgd import FeatureTap, MGDLoss
 
     torch.manual_seed(100 + rank)  # deliberately different initial weights per rank
@@ -65,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     fit(model, train_loader=train, val_loader=DataLoader(data, batch_size=16),
         optim=OptimConfig(epochs=2, lr=0.05, warmup_epochs=0), device=torch.device("cpu"),
         checkpoint=__import__("pathlib").Path(out_dir) / "ckpt.pt", key="k", desc=f"rank{rank}",
-        loss_fn=loss_fn, extra=head)
+        task=get_task("classification"), num_classes=10, loss_fn=loss_fn, extra=head)
     torch.save({"model": model.state_dict(), "extra": head.state_dict()}, f"{out_dir}/rank{rank}.pt")
     tdist.destroy_process_group()
 

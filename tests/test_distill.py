@@ -8,7 +8,14 @@ import torchvision
 
 from pipeline import config
 from pipeline.runner import Runner, RunOptions
-from stages.distill import kd_loss
+from pipeline.config import KDConfig
+from pipeline.tasks import get_task
+
+TASK = get_task("classification")
+
+
+def kd_loss(student, teacher, temperature):
+    return TASK.kd_loss(student, teacher, KDConfig(temperature=temperature))
 
 
 def test_kd_loss_values():

@@ -14,14 +14,16 @@ from export.runtimes import TorchRuntime
 from pipeline.bench import LATENCY_KEYS
 from pipeline.config import BenchConfig
 from pipeline.evaluate import (
-    accuracy,
     artifact_size,
     count_macs,
     count_params,
     evaluate_module,
+    evaluate_runtime,
     measure,
-    predict_loader,
 )
+from pipeline.tasks import get_task
+
+TASK = get_task("classification")
 
 NUM_CLASSES = 4
 SHAPE = (3, 8, 8)
@@ -50,6 +52,7 @@ class HalfRightRuntime:
     name = "fake"
     device = "cpu"
     threads = 1
+    output_names = ("logits",)
 
     def prepare(self, batch):
         return batch
@@ -57,11 +60,11 @@ class HalfRightRuntime:
     def infer(self, prepared):
         return prepared
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         label = batch[:, 0, 0, 0].astype(int)
         index = batch[:, 0, 0, 1].astype(int)
         pred = np.where(index % 2 == 0, label, (label + 1) % NUM_CLASSES)
-        return np.eye(NUM_CLASSES, dtype=np.float32)[pred]
+        return {"logits": np.eye(NUM_CLASSES, dtype=np.float32)[pred]}
 
 
 def _tiny_cnn() -> nn.Module:
@@ -79,24 +82,37 @@ def _tiny_cnn() -> nn.Module:
 # --- accuracy --------------------------------------------------------------------------------
 
 
-def test_predict_loader_returns_all_logits_and_labels_in_order():
-    logits, labels = predict_loader(HalfRightRuntime(), _encoded_loader(n=10, batch_size=3))
+def test_evaluator_sees_every_batch_in_order():
+    seen = []
 
-    assert logits.shape == (10, NUM_CLASSES) and logits.dtype == np.float32
-    np.testing.assert_array_equal(labels, np.arange(10) % NUM_CLASSES)
+    class Recorder:
+        def update(self, outputs, targets):
+            seen.append((outputs["logits"].shape, targets.tolist()))
+
+        def compute(self):
+            return {"accuracy": 1.0}
+
+    class RecordingTask(type(TASK)):
+        def evaluator(self, num_classes):
+            return Recorder()
+
+    evaluate_runtime(HalfRightRuntime(), _encoded_loader(n=10, batch_size=3), RecordingTask(), NUM_CLASSES)
+
+    assert [shape for shape, _ in seen] == [(3, NUM_CLASSES)] * 3 + [(1, NUM_CLASSES)]
+    assert sum((labels for _, labels in seen), []) == (np.arange(10) % NUM_CLASSES).tolist()
 
 
 def test_accuracy_known_half():
-    acc = accuracy(HalfRightRuntime(), _encoded_loader(n=10, batch_size=3))
+    acc = evaluate_runtime(HalfRightRuntime(), _encoded_loader(n=10, batch_size=3), TASK, NUM_CLASSES)
 
-    assert acc == pytest.approx(0.5)
+    assert acc == {"accuracy": pytest.approx(0.5)}
 
 
 def test_accuracy_empty_loader_is_an_error():
     empty = DataLoader(TensorDataset(torch.zeros(0, *SHAPE), torch.zeros(0, dtype=torch.long)), batch_size=2)
 
     with pytest.raises(ValueError):
-        accuracy(HalfRightRuntime(), empty)
+        evaluate_runtime(HalfRightRuntime(), empty, TASK, NUM_CLASSES)
 
 
 class _ModeRecorder(nn.Module):
@@ -121,7 +137,7 @@ def test_evaluate_module_uses_eval_and_restores_modes():
     model.train()
     model.bn.eval()  # e.g. a frozen BatchNorm inside a training model
 
-    acc = evaluate_module(model, loader, "cpu")
+    acc = evaluate_module(model, loader, "cpu", TASK, NUM_CLASSES)["accuracy"]
 
     assert acc == pytest.approx(1.0)
     assert model.seen_training == [False, False]
@@ -203,7 +219,8 @@ def test_measure_torch_artifact_all_keys(tmp_path):
     loader = _encoded_loader(n=8, batch_size=4)
 
     metrics = measure(
-        rt, val_loader=loader, input_shape=SHAPE, batch_size=4, bench=FAST_BENCH, model=model, artifact_path=path
+        rt, val_loader=loader, input_shape=SHAPE, batch_size=4, bench=FAST_BENCH, model=model, artifact_path=path,
+        task=TASK, num_classes=NUM_CLASSES,
     )
 
     assert set(metrics) == {"accuracy", "params", "macs", "size_bytes", *LATENCY_KEYS}
@@ -221,6 +238,8 @@ def test_measure_xml_artifact_without_model(tmp_path):
 
     metrics = measure(
         HalfRightRuntime(),
+        task=TASK,
+        num_classes=NUM_CLASSES,
         val_loader=_encoded_loader(n=10, batch_size=5),
         input_shape=SHAPE,
         batch_size=2,

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import GatesConfig
+from pipeline.config import ConfigError, GatesConfig, from_dict
 from pipeline.gates import check_stage, speedup, unmeasured_budgets
-from pipeline.manifest import StageRecord
+from pipeline.manifest import ArtifactRole, StageRecord
+from pipeline.stage import roles
 
 TEACHER = {"accuracy": 0.95, "latency_p50_ms": 10.0, "latency_p90_ms": 12.0}
+ROLES = roles()  # the roles the real stages declare
 
 
 def _record(**metrics):
-    return StageRecord(status="ok", metrics=metrics)
+    return StageRecord(status="ok", metrics=metrics, artifacts={n: ROLES[n] for n in metrics})
 
 
 @pytest.mark.parametrize("acc, passed", [(0.94, True), (0.93, True), (0.92, False)])
@@ -39,9 +41,37 @@ def test_latency_budget_uses_p90(p90, passed):
 
 
 def test_teacher_and_references_are_not_accuracy_gated():
-    rec = StageRecord(status="ok", metrics={"teacher": {"accuracy": 0.1}, "student_baseline": {"accuracy": 0.1}},
-                      reference=["student_baseline"])
+    rec = _record(teacher={"accuracy": 0.1}, student_baseline={"accuracy": 0.1})
     assert check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.0, min_speedup_vs_teacher=1.0)) == []
+
+
+def test_an_artifact_is_judged_by_its_role_not_its_name():
+    """A build of any name with a student role is gated; a teacher-role build of a student-like name is not."""
+    rec = StageRecord(status="ok", metrics={"my_build": {"accuracy": 0.5}, "student": {"accuracy": 0.1}},
+                      artifacts={"my_build": ArtifactRole(runtime="openvino", precision="fp32"),
+                                 "student": ArtifactRole(model="teacher", runtime="onnxruntime", precision="fp32")})
+    [g] = check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.1))
+    assert g.artifact == "my_build" and g.passed is False
+
+
+def test_metric_drop_gates_the_tasks_primary_metric():
+    rec = StageRecord(status="ok", metrics={"student": {"miou": 0.70, "accuracy": 0.0},
+                                            "q": {"miou": 0.60}, "f": {"miou": 0.69}},
+                      artifacts={"student": ArtifactRole(runtime="torch", precision="fp32"),
+                                 "f": ArtifactRole(runtime="openvino", precision="fp32"),
+                                 "q": ArtifactRole(runtime="openvino", precision="int8", fp32="f")})
+    gates = GatesConfig(max_metric_drop=0.05, max_int8_metric_drop=0.05)
+    results = {(g.gate, g.artifact): g for g in check_stage(rec, {"miou": 0.72}, gates, metric="miou")}
+    assert results[("max_metric_drop", "student")].passed is True
+    assert results[("max_metric_drop", "q")].passed is False
+    assert results[("max_int8_metric_drop", "q")].value == pytest.approx(0.09)
+    assert results[("max_int8_metric_drop", "q")].passed is False and "miou drop vs f" in results[("max_int8_metric_drop", "q")].metric
+
+
+def test_a_latency_noted_build_is_never_latency_gated():
+    rec = _record(onnx={"accuracy": 0.95, "latency_p50_ms": 1.0}, trt_qdq={"accuracy": 0.95, "latency_p50_ms": 9.0})
+    results = check_stage(rec, TEACHER, GatesConfig(min_speedup_vs_teacher=2.0, min_int8_speedup=1.5))
+    assert [(g.gate, g.artifact) for g in results] == [("min_speedup_vs_teacher", "onnx")]
 
 
 def test_without_teacher_metrics_the_gate_is_unmeasured_not_passed():
@@ -89,5 +119,6 @@ def test_tensorrt_qdq_on_cpu_is_accuracy_gated_but_not_latency_gated():
     rec = _record(trt_qdq={"accuracy": 0.5, "latency_p50_ms": 100.0, "latency_p90_ms": 100.0})
     gates = check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.02, min_speedup_vs_teacher=2.0))
     assert [g.gate for g in gates] == ["max_accuracy_drop"] and gates[0].passed is False
-    with pytest.raises(ValueError, match="budget trt_engine instead"):
-        GatesConfig(latency_ms={"trt_qdq": 1.0})
+    # Its role carries a latency note: a budget for it is refused when the config is read.
+    with pytest.raises(ConfigError, match="trt_qdq: its measured latency is not its target's.*trt_engine"):
+        from_dict({"gates": {"latency_ms": {"trt_qdq": 1.0}}})

@@ -13,6 +13,7 @@ from export import onnx as onnx_stage
 from pipeline import config
 from pipeline.manifest import Manifest
 from pipeline.runner import Runner, RunOptions
+from pipeline.tasks import get_task
 from tests.conftest import TINY_TOML, merge_toml, run_cli
 
 # Untrained models are enough to test an export, and the stages after this one are disabled:
@@ -92,8 +93,8 @@ def test_dynamic_batch_on_onnxruntime(tiny_run):
     x = np.random.default_rng(0).standard_normal((5, 3, 8, 8), dtype=np.float32)
     for name in ("onnx", "teacher_onnx", "onnx_int8"):
         rt = OrtRuntime(tiny_run.files[name], threads=1)
-        five = rt.predict(x)
-        ones = np.concatenate([rt.predict(x[i : i + 1]) for i in range(5)])
+        five = rt.outputs(x)["logits"]
+        ones = np.concatenate([rt.outputs(x[i : i + 1])["logits"] for i in range(5)])
         assert five.shape == (5, 10)
         np.testing.assert_allclose(five, ones, atol=1e-4, err_msg=name)
 
@@ -129,25 +130,30 @@ def test_disabled_stage_is_skipped(tmp_path, tiny_config):
     assert out.manifest.stages["onnx"].status == "skipped"
 
 
+def _parity(ref, got, **kw):
+    task = get_task("classification")
+    return onnx_stage.parity_metrics(task, {"logits": ref}, {"logits": got}, **kw)
+
+
 def test_parity_helper_passes_and_fails():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((20, 10)).astype(np.float32)
-    ok = onnx_stage._parity(ref, ref + 1e-5, atol=1e-3, min_agreement=0.99)
+    ok = _parity(ref, ref + 1e-5, atol=1e-3, min_agreement=0.99)
     assert ok["parity_max_abs_diff"] == pytest.approx(1e-5, rel=1e-2) and ok["parity_top1_agreement"] == 1.0
     with pytest.raises(onnx_stage.ParityError, match=r"0\.5.*onnx\.parity_atol"):
-        onnx_stage._parity(ref, ref + 0.5, atol=1e-3, min_agreement=0.0)
+        _parity(ref, ref + 0.5, atol=1e-3, min_agreement=0.0)
     flipped = ref.copy()
     flipped[:5] = -flipped[:5]  # 5 of 20 images change their top-1 class
     with pytest.raises(onnx_stage.ParityError, match=r"agreement 0\.75.*onnx\.parity_min_agreement"):
-        onnx_stage._parity(ref, flipped, atol=100.0, min_agreement=0.99)
+        _parity(ref, flipped, atol=100.0, min_agreement=0.99)
     with pytest.raises(onnx_stage.ParityError):
-        onnx_stage._parity(ref, ref * np.nan, atol=1.0, min_agreement=0.0)
+        _parity(ref, ref * np.nan, atol=1.0, min_agreement=0.0)
     # Logits near 2,000 (a diverged model): float32 alone differs by ~1e-3 after reordering, so
     # the tolerance rises to a few ulps there; a real error at that scale still fails.
     big = ref * 2000
-    assert onnx_stage._parity(big, big + 2e-3, atol=1e-3, min_agreement=0.99)["parity_tolerance"] > 2e-3
+    assert _parity(big, big + 2e-3, atol=1e-3, min_agreement=0.99)["parity_tolerance"] > 2e-3
     with pytest.raises(onnx_stage.ParityError, match="float32 floor"):
-        onnx_stage._parity(big, big + 0.5, atol=1e-3, min_agreement=0.0)
+        _parity(big, big + 0.5, atol=1e-3, min_agreement=0.0)
 
 
 class _QR(nn.Module):
@@ -170,7 +176,7 @@ def test_unsupported_op_names_op_and_module(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.ReLU(), _Block()),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(onnx_stage.UnsupportedOperatorError) as info:
-        onnx_stage._export(model, (3, 8, 8), 18, True, tmp_path)
+        onnx_stage._export(model, (3, 8, 8), 18, True, tmp_path, ("logits",))
     err = info.value
     assert err.op == "aten::linalg_qr" and err.module == "1.1.custom"
     assert "aten::linalg_qr" in str(err) and "'1.1.custom'" in str(err)
@@ -178,7 +184,7 @@ def test_unsupported_op_names_op_and_module(tmp_path):
 
 
 def test_fixed_batch_export_runs_any_batch(tmp_path, tiny_model):
-    proto, _, _ = onnx_stage._export(tiny_model, (3, 8, 8), 18, False, tmp_path)
+    proto, _, _ = onnx_stage._export(tiny_model, (3, 8, 8), 18, False, tmp_path, ("logits",))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     path = tmp_path / "fixed.onnx"
     onnx_stage._publish(proto, path)
@@ -186,5 +192,5 @@ def test_fixed_batch_export_runs_any_batch(tmp_path, tiny_model):
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8), dtype=np.float32)
     with torch.no_grad():
         ref = tiny_model.eval()(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(rt.predict(x), ref, atol=1e-4)
+    np.testing.assert_allclose(rt.outputs(x)["logits"], ref, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]

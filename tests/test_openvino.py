@@ -28,7 +28,7 @@ import openvino as ov  # noqa: E402
 
 from export import openvino as ov_stage  # noqa: E402
 from export.runtimes import OpenVINORuntime, OrtRuntime  # noqa: E402
-from pipeline import config  # noqa: E402
+from pipeline import config, stage  # noqa: E402
 from pipeline.data import DataBundle, load_data  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from tests.conftest import TINY_TOML, merge_toml  # noqa: E402
@@ -156,8 +156,8 @@ def test_fp32_ir_matches_onnxruntime(full, bundle, onnx_files):
     assert xml == ctx.out_dir / "student_fp32.xml" and xml.with_suffix(".bin").is_file()
     assert 'element_type="f16"' not in xml.read_text()  # compress_to_fp16=False: weights stay FP32
     x = _val_images(bundle)
-    ref = OrtRuntime(onnx_files["student"], threads=1).predict(x)
-    got = OpenVINORuntime(xml, threads=1, precision="f32").predict(x)
+    ref = OrtRuntime(onnx_files["student"], threads=1).outputs(x)["logits"]
+    got = OpenVINORuntime(xml, threads=1, precision="f32").outputs(x)["logits"]
     assert np.abs(ref - got).max() < 1e-3
     m = res.metrics["openvino_fp32"]
     assert m["parity_max_abs_diff"] < 1e-3 and m["parity_top1_agreement"] == 1.0
@@ -165,7 +165,8 @@ def test_fp32_ir_matches_onnxruntime(full, bundle, onnx_files):
     assert m["inference_precision"] == "f32" and m["device_precision"] == "f32" and m["requested"] is True
     assert not res.warnings
     measure = res.measure["openvino_fp32"]
-    assert measure.path == xml and not measure.reference and measure.runtime.precision == "f32"
+    assert measure.path == xml and measure.runtime.precision == "f32"
+    assert not stage.REGISTRY["openvino"].artifacts["openvino_fp32"].reference
 
 
 # -- INT8 ------------------------------------------------------------------------------------
@@ -176,8 +177,8 @@ def test_int8_ir_is_quantized_and_agrees_with_fp32(full, bundle):
     int8, fp32 = res.outputs["openvino_int8"], res.outputs["openvino_fp32"]
     assert "FakeQuantize" in _op_types(int8) and "FakeQuantize" not in _op_types(fp32)
     x = _val_images(bundle, 256)
-    a = OpenVINORuntime(fp32, threads=1).predict(x)
-    b = OpenVINORuntime(int8, threads=1).predict(x)
+    a = OpenVINORuntime(fp32, threads=1).outputs(x)["logits"]
+    b = OpenVINORuntime(int8, threads=1).outputs(x)["logits"]
     assert len(np.unique(a.argmax(1))) >= 5  # a trained model: agreement is not trivially 1
     assert np.abs(a - b).max() > 0  # the INT8 build really computes something else
     agreement = float(np.mean(a.argmax(1) == b.argmax(1)))
@@ -187,7 +188,7 @@ def test_int8_ir_is_quantized_and_agrees_with_fp32(full, bundle):
     assert m["calibration_images"] == len(bundle.calibration) == 32
     assert m["calibration_split"] == "calibration" and m["preset"] == "performance"
     assert m["accuracy_control"] is False and "accuracy_control_data" not in m
-    assert not res.measure["openvino_int8"].reference
+    assert not stage.REGISTRY["openvino"].artifacts["openvino_int8"].reference
 
 
 @pytest.mark.parametrize("accuracy_control", [False, True])
@@ -263,7 +264,8 @@ def test_teacher_build_is_reference_only(full):
     ctx, res = full
     xml = res.outputs["teacher_openvino_fp32"]
     assert xml == ctx.out_dir / "teacher_fp32.xml" and xml.with_suffix(".bin").is_file()
-    assert {n for n, m in res.measure.items() if m.reference} == {"teacher_openvino_fp32"}
+    roles = stage.REGISTRY["openvino"].artifacts
+    assert {n for n in res.measure if roles[n].reference} == {"teacher_openvino_fp32"}
     assert res.measure["teacher_openvino_fp32"].path == xml
     assert res.metrics["teacher_openvino_fp32"]["device_precision"] == "f32"
     ops = ov.Core().read_model(str(xml)).get_ops()

@@ -13,8 +13,12 @@ from pipeline.config import ConfigError, PruneConfig, from_dict
 from pipeline.evaluate import count_params
 from pipeline.models import build_model
 from pipeline.stage import StageContext
-from stages._student import pruned_payload, rebuild_pruned
+from pipeline.errors import LibraryError
+from pipeline.run_models import pruned_payload, rebuild_pruned
+from pipeline.tasks import get_task
 from stages.prune import check_whole_layers, ignored_modules, make_pruner, prune_model
+
+TASK = get_task("classification")
 
 PRUNE_ONLY = """
 [distill]
@@ -85,7 +89,7 @@ def test_artifact_rebuilds_without_pickle(pruned_run):
 def test_round_trip_gives_identical_outputs():
     torch.manual_seed(0)
     model = build_model("resnet18", 10, image_size=16, small_input="auto").eval()
-    pruner = make_pruner(model, torch.zeros(1, 3, 16, 16), PruneConfig(ratio=0.4, steps=2), "resnet18")
+    pruner = make_pruner(model, torch.zeros(1, 3, 16, 16), PruneConfig(ratio=0.4, steps=2), "resnet18", TASK)
     pruner.step()
     pruner.step()
     payload = pruned_payload(model, pruner.pruning_history(), arch="resnet18", num_classes=10, image_size=16,
@@ -132,13 +136,13 @@ def test_ignored_layers_keep_their_channels(tmp_path):
 def test_unknown_ignored_layer_is_named_with_suggestion():
     model = build_model("resnet18", 10, image_size=8)
     with pytest.raises(ConfigError, match=r"no layer 'layer5'.*did you mean"):
-        ignored_modules(model, PruneConfig(ignore_layers=["layer5"]))
+        ignored_modules(model, PruneConfig(ignore_layers=["layer5"]), TASK)
 
 
 def test_ratio_that_would_remove_a_whole_layer_names_it():
     model = build_model("resnet18", 10, image_size=8)
     with pytest.raises(ConfigError, match=r"every one of the 64 channels of layer 'conv1'"):
-        check_whole_layers(model, ignored_modules(model, PruneConfig()), PruneConfig(ratio=0.9, round_to=8))
+        check_whole_layers(model, ignored_modules(model, PruneConfig(), TASK), PruneConfig(ratio=0.9, round_to=8))
 
 
 class _InPlaceScale(nn.Module):
@@ -163,8 +167,10 @@ class _Untraceable(nn.Module):
 
 
 def test_untraceable_model_names_the_layer():
-    with pytest.raises(ConfigError, match=r"cannot trace toy: layer 'scale' fails"):
-        make_pruner(_Untraceable(), torch.zeros(1, 3, 8, 8), PruneConfig(), "toy")
+    # Not the user's config: Torch-Pruning's own limitation, named as such.
+    with pytest.raises(LibraryError, match=r"^Torch-Pruning failed: it cannot trace toy: layer 'scale' fails") as exc:
+        make_pruner(_Untraceable(), torch.zeros(1, 3, 8, 8), PruneConfig(), "toy", TASK)
+    assert not isinstance(exc.value, ConfigError) and exc.value.library == "Torch-Pruning"
 
 
 @pytest.mark.parametrize("extra, message", [

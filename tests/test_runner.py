@@ -14,7 +14,7 @@ import pytest
 from export.runtimes import TorchRuntime
 from pipeline import config, runner, stage
 from pipeline.config import ConfigError
-from pipeline.manifest import Artifact, Manifest
+from pipeline.manifest import Artifact, ArtifactRole, Manifest, ManifestError
 from pipeline.stage import Measure, StageResult, StageUnavailable
 
 
@@ -27,10 +27,12 @@ class FakeRuntime:
     def infer(self, prepared):
         return prepared
 
-    def predict(self, batch):
+    output_names = ("logits",)
+
+    def outputs(self, batch):
         out = np.zeros((len(batch), 10), dtype=np.float32)
         out[:, 0] = 1
-        return out
+        return {"logits": out}
 
 
 @pytest.fixture
@@ -65,7 +67,9 @@ def fake_stages(monkeypatch):
                 return StageResult(outputs=outs, measure={o: Measure(rt, model=model, path=outs[o]) for o in outputs})
             return StageResult(outputs=outs, measure={o: Measure(FakeRuntime(), path=outs[o]) for o in outputs})
 
-        stage.register(name, order=order, inputs=inputs, outputs=outputs, config_keys=(name, "data"), enabled=enabled)(run)
+        roles = {o: ArtifactRole(model="teacher" if o == "teacher" else "student", runtime="torch", precision="fp32",
+                                 target=None if o == "teacher" else "torch") for o in outputs}
+        stage.register(name, order=order, inputs=inputs, artifacts=roles, reads=("data",), enabled=enabled)(run)
 
     make("teacher", 10, (), ("teacher",))
     make("distill", 20, ("teacher",), ("student",))
@@ -228,7 +232,7 @@ def test_corrupt_manifest_is_bad_input_and_left_alone(tmp_path, fake_stages):
     cfg = _cfg(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="corrupt.*--rebuild-manifest"):
+    with pytest.raises(ManifestError, match="corrupt.*--rebuild-manifest"):
         _run(cfg)
     assert (tmp_path / "run" / "manifest.json").read_text() == "{not json"
 
@@ -242,12 +246,6 @@ def test_rebuild_manifest_sets_the_corrupt_one_aside_and_runs(tmp_path, fake_sta
     [aside] = (tmp_path / "run").glob("manifest.json.corrupt-*")
     assert aside.read_text() == "{not json"  # kept for inspection
     assert Manifest.load(tmp_path / "run").stages["prune"].status == "ok"
-
-
-def test_every_registered_artifact_name_is_known():
-    for st in stage.load_stages():
-        for name in st.outputs:
-            assert name in config.ARTIFACT_NAMES, f"{st.name} outputs {name!r}, not in config.ARTIFACT_NAMES"
 
 
 def test_manifest_reload_matches(tmp_path, fake_stages):
@@ -269,8 +267,10 @@ def test_bench_threads_do_not_leak_into_later_stages(tmp_path, fake_stages):
 
 
 def test_select_by_target_leaves_out_the_other_targets_stages():
-    names = ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt"]
-    stages = [stage.Stage(n, i, lambda c: None, (), (), (), lambda c: True) for i, n in enumerate(names)]
+    stages = stage.load_stages()
+    names = [s.name for s in stages]
+    assert names == ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt"]
+    assert runner.select(stages, runner.RunOptions(target="torch")) == names[:3]
     assert runner.select(stages, runner.RunOptions(target="openvino")) == names[:5]
     assert runner.select(stages, runner.RunOptions(target="onnxruntime")) == names[:4]
     assert runner.select(stages, runner.RunOptions(target="tensorrt")) == [*names[:4], "tensorrt"]
@@ -289,7 +289,7 @@ def test_optional_input_is_used_when_present_and_skipped_when_absent(tmp_path, f
         return stage.StageResult(outputs={"onnx": out})
 
     # Registered in the fixture's throw-away registry.
-    stage.register("onnx", order=40, inputs=("pruned|student", "teacher_onnx?"), outputs=("onnx",))(run)
+    stage.register("onnx", order=40, inputs=("pruned|student", "teacher_onnx?"), artifacts={"onnx": ArtifactRole()})(run)
     out = _run(_cfg(tmp_path))
     assert out.code == 0, out.messages
     assert set(seen) == {"pruned"}  # pruned preferred over student; teacher_onnx absent, not an error
@@ -301,7 +301,82 @@ def test_an_artifact_outside_the_workdir_fails_the_stage(tmp_path, fake_stages):
         out.write_bytes(b"x")
         return stage.StageResult(outputs={"onnx": ctx.out_dir / ".." / ".." / "elsewhere.bin"})
 
-    stage.register("onnx", order=40, inputs=(), outputs=("onnx",))(run)
+    stage.register("onnx", order=40, inputs=(), artifacts={"onnx": ArtifactRole()})(run)
     out = _run(_cfg(tmp_path))
     assert out.code == runner.EXIT_STAGE_FAILED
     assert "outside the workdir" in out.manifest.stages["onnx"].reason
+
+
+# --- declarations ---------------------------------------------------------------------------
+
+RUNTIMES = {"torch", "onnxruntime", "openvino", "tensorrt"}
+
+
+def test_every_stage_declares_what_the_core_derives_from():
+    stages = stage.load_stages()
+    tables = set(config.Config.model_fields)
+    made_before: set[str] = set()
+    for st in stages:
+        assert st.name in tables, f"{st.name}: a stage is named after its TOML table"
+        assert set(st.reads) <= tables, f"{st.name} reads unknown tables {set(st.reads) - tables}"
+        for spec in st.inputs:
+            for name in spec.rstrip("?").split("|"):
+                assert name in made_before, f"{st.name} needs {name!r}, which no earlier stage declares"
+        for name, role in st.artifacts.items():
+            assert name not in made_before, f"{name!r} declared twice"
+            if role.model == "none":
+                assert role.runtime is None and role.target is None
+                continue
+            assert role.runtime in RUNTIMES and role.precision in {"fp32", "int8"}, (name, role)
+            assert not (role.reference and role.target), f"{name}: a reference build is never shipped"
+            if role.fp32 is not None:
+                fp32 = stage.roles(stages)[role.fp32]
+                assert role.fp32 in made_before | set(st.artifacts), f"{name}: FP32 counterpart declared later"
+                assert role.precision == "int8" and fp32.precision == "fp32", name
+                assert fp32.runtime == role.runtime, f"{name}: FP32 counterpart on another runtime"
+            if role.supersedes is not None:
+                assert role.supersedes in made_before | set(st.artifacts), name
+        made_before |= set(st.artifacts)
+        assert st.preflight is None or callable(st.preflight)
+    commands = [c.name for st in stages for c in st.commands]
+    assert len(commands) == len(set(commands)) and "build-engine" in commands
+    # Exactly one teacher build in torch eager: what every gate and speedup is measured against.
+    teachers = [n for st in stages for n, r in st.artifacts.items() if r.model == "teacher" and r.runtime == "torch"]
+    assert teachers == ["teacher"]
+    assert stage.targets(stages) == ["torch", "onnxruntime", "openvino", "tensorrt"]
+
+
+def test_nox_target_sessions_name_declared_targets():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parents[1] / "noxfile.py").read_text())
+    [targets] = [ast.literal_eval(node.value) for node in ast.walk(tree)
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "TARGETS"]
+    assert {t[0] for t in targets.values()} <= set(stage.targets())
+
+
+def test_a_teacher_edit_changes_the_onnx_key_not_the_openvino_key(tmp_path):
+    stages = {s.name: s for s in stage.load_stages()}
+    versions = runner.package_versions()
+    base = config.from_dict({"pipeline": {"workdir": str(tmp_path)}})
+    edited = config.from_dict({"pipeline": {"workdir": str(tmp_path)}, "teacher": {"epochs": 3}})
+
+    def key(cfg, name):
+        return runner.cache_key(stages[name], cfg, {}, versions)
+
+    # onnx builds the teacher's reference export from [teacher]: its key must follow it.
+    assert key(base, "onnx") != key(edited, "onnx")
+    # openvino reads no [teacher] setting: the teacher reaches it only through its input artifacts.
+    assert key(base, "openvino") == key(edited, "openvino")
+
+
+def test_a_stage_reading_an_undeclared_table_fails_loudly(tmp_path, fake_stages):
+    def run(ctx):
+        _ = ctx.cfg.tensorrt.calibration  # not declared in reads
+        return stage.StageResult(outputs={})
+
+    stage.register("onnx", order=40, inputs=(), artifacts={"onnx": ArtifactRole()})(run)
+    out = _run(_cfg(tmp_path))
+    assert out.code == runner.EXIT_STAGE_FAILED
+    assert "reads [tensorrt] but does not declare it" in out.manifest.stages["onnx"].reason

@@ -6,12 +6,15 @@ from pipeline.config import GatesConfig
 from pipeline.gates import check_stage
 from pipeline.manifest import ManifestModel, StageRecord
 from pipeline.ship import choose
+from pipeline.stage import roles
 
 TEACHER = {"accuracy": 0.95, "latency_p50_ms": 10.0}
+ROLES = roles()  # the roles the real stages declare
 
 
 def _manifest(gates: GatesConfig | None = None, **stages: StageRecord) -> ManifestModel:
     for rec in stages.values():
+        rec.artifacts = {n: r for n, r in ROLES.items() if n in rec.metrics or n in rec.unavailable}
         rec.gates = check_stage(rec, TEACHER, gates or GatesConfig())
     return ManifestModel(stages=stages)
 

@@ -27,6 +27,7 @@ from export import tensorrt as trt_stage
 from export.runtimes import OrtRuntime
 from pipeline import config
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from pipeline.data import load_data
 from pipeline.manifest import Manifest, StageRecord, artifact_record
 from pipeline.stage import REGISTRY, StageContext
@@ -123,7 +124,9 @@ def test_stage_is_registered_with_its_contract():
     stage = REGISTRY["tensorrt"]
     assert stage.order == 60 and stage.inputs == ("onnx",)
     assert stage.outputs == ("trt_qdq", "trt_calib_cache", "trt_engine")
-    assert set(stage.config_keys) == {"tensorrt", "data", "onnx"}
+    assert set(stage.reads) == {"tensorrt", "data"}  # [onnx] reaches it through the onnx artifact's hash
+    assert stage.artifacts["trt_qdq"].latency_note and stage.artifacts["trt_qdq"].fp32 == "onnx"
+    assert stage.artifacts["trt_engine"].target == "tensorrt" and [c.name for c in stage.commands] == ["build-engine"]
     cfg = config.from_dict({"tensorrt": {"enabled": False}})
     assert not stage.enabled(cfg)
 
@@ -151,15 +154,16 @@ def test_qdq_is_symmetric_int8_and_agrees_with_fp32(make_ctx, bundle, no_tensorr
     assert next(n for n in model.graph.node if out in n.output).op_type == "Gemm"
 
     images = _val_images(bundle)
-    ref = OrtRuntime(ctx.inputs["onnx"], threads=1).predict(images).argmax(1)
-    got = OrtRuntime(qdq, threads=1).predict(images).argmax(1)
+    ref = OrtRuntime(ctx.inputs["onnx"], threads=1).outputs(images)["logits"].argmax(1)
+    got = OrtRuntime(qdq, threads=1).outputs(images)["logits"].argmax(1)
     assert (ref == got).mean() >= 0.9
 
     m = result.metrics["trt_qdq"]
     assert m["calibration"] == "entropy" and m["calibration_images"] == 32 and m["calibration_split"] == "calibration"
     assert "not representative of TensorRT" in m["latency_note"]
     measure = result.measure["trt_qdq"]
-    assert isinstance(measure.runtime, OrtRuntime) and measure.path == qdq and not measure.reference
+    assert isinstance(measure.runtime, OrtRuntime) and measure.path == qdq
+    assert not REGISTRY["tensorrt"].artifacts["trt_qdq"].reference
     assert "trt_engine" not in result.measure
 
 
@@ -304,28 +308,28 @@ def _finished_run(ctx, result) -> Path:
     manifest = Manifest(ctx.workdir)
     manifest.stages["tensorrt"] = StageRecord(
         status="ok", outputs={n: artifact_record(p, ctx.workdir) for n, p in result.outputs.items()},
-        config={k: getattr(ctx.cfg, k).model_dump(mode="json") for k in ("tensorrt", "data", "onnx")},
+        config={k: getattr(ctx.cfg, k).model_dump(mode="json") for k in ("tensorrt", "data")},
         unavailable=result.unavailable, commands=result.commands)
     manifest.save()
     return ctx.workdir
 
 
 def test_build_engine_from_run_errors(make_ctx, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="no manifest.json"):
+    with pytest.raises(UserError, match="no manifest.json"):
         trt_stage.build_engine_from_run(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     Manifest(empty).save()
-    with pytest.raises(ConfigError, match="no trt_qdq artifact"):
+    with pytest.raises(UserError, match="no trt_qdq artifact"):
         trt_stage.build_engine_from_run(empty)
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     ctx = make_ctx()
     run_dir = _finished_run(ctx, trt_stage.run(ctx))
-    with pytest.raises(ConfigError, match="tensorrt not installed.*trtexec"):
+    with pytest.raises(UserError, match="tensorrt not installed.*trtexec"):
         trt_stage.build_engine_from_run(run_dir)
     qdq = run_dir / "tensorrt" / "student_qdq.onnx"
     qdq.write_bytes(qdq.read_bytes() + b"\0")
-    with pytest.raises(ConfigError, match="cannot be trusted"):
+    with pytest.raises(UserError, match="cannot be trusted"):
         trt_stage.build_engine_from_run(run_dir)
     assert not (run_dir / "tensorrt" / "student.engine").exists()
 
@@ -362,12 +366,12 @@ def test_engine_builds_and_agrees_with_qdq(make_ctx, bundle):
     runtime = result.measure["trt_engine"].runtime
     assert runtime.name == "tensorrt" and runtime.device.startswith("cuda:") and runtime.threads == 1
     assert runtime.input_names == ("input",) and runtime.output_names == ("logits",)
-    images = _val_images(bundle, 100)  # > the batch 32 profile: predict splits it
-    logits = runtime.predict(images)
+    images = _val_images(bundle, 100)  # > the batch 32 profile: outputs() splits it
+    logits = runtime.outputs(images)["logits"]
     assert logits.shape == (100, 10) and logits.dtype == np.float32
-    ref = OrtRuntime(result.outputs["trt_qdq"], threads=1).predict(images).argmax(1)
+    ref = OrtRuntime(result.outputs["trt_qdq"], threads=1).outputs(images)["logits"].argmax(1)
     assert (logits.argmax(1) == ref).mean() >= 0.9
-    out = runtime.infer(runtime.prepare(images[:1]))
+    out = runtime.infer(runtime.prepare(images[:1]))["logits"]
     assert out.is_cuda and tuple(out.shape) == (1, 10)
 
 
@@ -381,4 +385,4 @@ def test_build_engine_from_run_builds(make_ctx):
     assert engine == run_dir / "tensorrt" / "student.engine" and engine.stat().st_size > 0
     from export.runtimes import TensorRTRuntime
 
-    assert TensorRTRuntime(engine).predict(np.zeros((2, 3, 8, 8), np.float32)).shape == (2, 10)
+    assert TensorRTRuntime(engine).outputs(np.zeros((2, 3, 8, 8), np.float32))["logits"].shape == (2, 10)

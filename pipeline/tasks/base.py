@@ -53,7 +53,8 @@ class Task:
     history_metric: ClassVar[str]  # short name in training curves: val_<history_metric>
     agreement: ClassVar[str]  # what Parity.agreement counts, for metric names: parity_<agreement>
     output_names: ClassVar[tuple[str, ...]]  # raw outputs of the model, in order (ONNX output names)
-    mgd_defaults: ClassVar[dict[str, Any]]  # [distill.mgd] values the user left out
+    sources: ClassVar[tuple[str, ...]]  # the `[data] source` values this task reads
+    mgd_defaults: ClassVar[dict[str, Any]]  # [distill.mgd] alpha / mask_ratio / mask the user left out
     kd_defaults: ClassVar[dict[str, Any]] = {}  # [distill.kd] values the user left out
 
     # -- data --------------------------------------------------------------------------------
@@ -75,8 +76,8 @@ class Task:
         """The model, with ``num_classes`` outputs, for ``image_size``² RGB inputs."""
         raise NotImplementedError
 
-    def default_feature_layer(self, model: "nn.Module") -> str:
-        """The layer MGD taps when the config names none (the last feature stage)."""
+    def default_layers(self, arch: str) -> list[str]:
+        """The layers MGD taps on `arch` when `[distill.mgd]` names none (its last feature stage)."""
         raise NotImplementedError
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
@@ -133,8 +134,9 @@ class Task:
             c = np.asarray(candidate[name], dtype=np.float32)
             if r.shape != c.shape or r.size == 0:
                 raise ValueError(f"output {name!r}: shape {c.shape} vs reference {r.shape}")
-            diff = max(diff, float(np.max(np.abs(r - c))))
-            scale = max(scale, float(np.max(np.abs(r))))
+            d = float(np.max(np.abs(r - c)))
+            diff = d if not d <= diff else diff  # a NaN anywhere must survive: max() would drop it
+            scale = max(scale, float(np.nanmax(np.abs(r))))
         agree = self._agreement(self.postprocess(reference), self.postprocess(candidate))
         count = len(next(iter(reference.values())))
         return Parity(max_abs_diff=diff, agreement=agree, scale=scale, count=count)

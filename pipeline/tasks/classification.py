@@ -46,9 +46,9 @@ class Classification(Task):
     history_metric = "acc"
     agreement = "top1_agreement"
     output_names = ("logits",)
+    sources = ("digits", "imagefolder", "torchvision")
     # The paper's classification settings: a channel mask on the last backbone stage.
-    mgd_defaults = {"alpha": 7e-5, "mask_ratio": 0.15, "mask": "channel",
-                    "teacher_layers": ["layer4"], "student_layers": ["layer4"]}
+    mgd_defaults = {"alpha": 7e-5, "mask_ratio": 0.15, "mask": "channel"}
     kd_defaults = {"temperature": 4.0, "weight": 1.0}
 
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
@@ -73,8 +73,8 @@ class Classification(Task):
         return build_model(arch, num_classes, image_size=image_size, small_input=small_input, weights=weights,
                            base_dir=base_dir)
 
-    def default_feature_layer(self, model: "nn.Module") -> str:
-        return "layer4"
+    def default_layers(self, arch: str) -> list[str]:
+        return ["layer4"]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
         from pipeline.models import head_names
