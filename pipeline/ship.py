@@ -1,4 +1,4 @@
-"""Pick the build to ship per target: the fastest one that passes the accuracy gates.
+"""Pick the build to ship per target: the fastest one that passes the quality gates.
 
 For each deployment target (torch eager, ONNX Runtime, OpenVINO, TensorRT: whatever targets the
 stages' declared artifact roles name) the candidates are the builds of the final student that
@@ -89,7 +89,7 @@ def _decide(target: str, candidates: list[dict], pending: list[str], unavailable
             if art in commands:
                 reason += f"; build it on the target with: {commands[art]}"
         elif candidates:
-            reason = "no build passes the accuracy gates: " + "; ".join(f"{c['artifact']}: {c['why']}" for c in candidates)
+            reason = "no build passes the quality gates: " + "; ".join(f"{c['artifact']}: {c['why']}" for c in candidates)
         else:
             reason = "nothing measured"
         return {"artifact": None, "reason": reason, "candidates": candidates}
