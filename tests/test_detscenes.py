@@ -1,4 +1,4 @@
-"""Tests for pipeline.detscenes: detection items from the seeded scene generator."""
+"""Tests for pipeline.tasks.detscenes: detection items from the seeded scene generator."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import pipeline.detscenes as detscenes
-from pipeline.cocodata import detection_collate
-from pipeline.detscenes import SCENE_CLASSES, SceneDetectionDataset, scene_detection_splits
-from pipeline.scenes import SceneSpec, make_scenes, split_pools
+import pipeline.tasks.detscenes as detscenes
+from pipeline.tasks.cocodata import detection_collate
+from pipeline.tasks.detscenes import SCENE_CLASSES, SceneDetectionDataset, scene_detection_splits
+from pipeline.tasks.scenes import SceneSpec, make_scenes, split_pools
 
 MEAN = (0.2, 0.4, 0.6)
 STD = (0.5, 0.25, 0.125)

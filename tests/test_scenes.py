@@ -1,4 +1,4 @@
-"""Tests for pipeline.scenes: seeded digit scenes for segmentation / detection (offline, CPU)."""
+"""Tests for pipeline.tasks.scenes: seeded digit scenes for segmentation / detection (offline, CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.scenes import IGNORE_INDEX, SceneSpec, Scenes, make_scenes, split_pools
+from pipeline.tasks.scenes import IGNORE_INDEX, SceneSpec, Scenes, make_scenes, split_pools
 
 N = 120
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.segmetrics: mIoU from a dataset-level confusion matrix."""
+"""Tests for pipeline.tasks.segmetrics: mIoU from a dataset-level confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.segmetrics import ConfusionMatrix
+from pipeline.tasks.segmetrics import ConfusionMatrix
 
 
 def test_hand_computed_example():

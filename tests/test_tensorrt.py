@@ -26,7 +26,6 @@ from torch import nn
 from export import tensorrt as trt_stage
 from export.runtimes import OrtRuntime
 from pipeline import config
-from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.data import load_data
 from pipeline.manifest import Manifest, StageRecord, artifact_record

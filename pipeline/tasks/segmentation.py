@@ -32,7 +32,7 @@ class _MIoU:
     """Dataset-level confusion matrix over argmax label maps."""
 
     def __init__(self, output: str, num_classes: int):
-        from pipeline.segmetrics import ConfusionMatrix
+        from pipeline.tasks.segmetrics import ConfusionMatrix
 
         self.output = output
         self.matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
@@ -60,7 +60,7 @@ class Segmentation(Task):
     kd_defaults = {"temperature": 4.0, "weight": 3.0}
 
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
-        from pipeline.segdata import check_masks, scene_spec
+        from pipeline.tasks.segdata import check_masks, scene_spec
 
         if cfg.source == "masks":
             check_masks(cfg, base_dir)
@@ -68,7 +68,7 @@ class Segmentation(Task):
             scene_spec(cfg)
 
     def load_data(self, cfg: "DataConfig", seed: int, base_dir: Path) -> "DataBundle":
-        from pipeline.segdata import load_masks, load_scenes
+        from pipeline.tasks.segdata import load_masks, load_scenes
 
         bundle = load_masks(cfg, seed, base_dir) if cfg.source == "masks" else load_scenes(cfg, seed)
         log.info("data %s (segmentation): %d classes, train %d, val %d, calibration %d, %d px", cfg.source,
@@ -76,13 +76,13 @@ class Segmentation(Task):
         return bundle
 
     def check_arch(self, arch: str) -> None:
-        from pipeline.segmodels import check_seg_arch
+        from pipeline.tasks.segmodels import check_seg_arch
 
         check_seg_arch(arch)
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
                     weights: str = "", base_dir: Path = Path(".")) -> "nn.Module":
-        from pipeline.segmodels import build_seg_model
+        from pipeline.tasks.segmodels import build_seg_model
 
         return build_seg_model(arch, num_classes, weights=weights, base_dir=base_dir)
 
@@ -91,7 +91,7 @@ class Segmentation(Task):
         return ["backbone.16"] if "mobilenet" in arch else ["backbone.layer4"]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
-        from pipeline.segmodels import seg_head_layers
+        from pipeline.tasks.segmodels import seg_head_layers
 
         return seg_head_layers(model)
 

@@ -41,7 +41,7 @@ class SceneSegmentation(Dataset):
 
 def scene_spec(cfg: DataConfig):
     """The generator's spec for `[data] image_size` and `[data.scenes]`."""
-    from pipeline.scenes import SceneSpec
+    from pipeline.tasks.scenes import SceneSpec
 
     s = cfg.scenes
     try:
@@ -60,7 +60,7 @@ def _calibration(train: Dataset, size: int, seed: int) -> Subset:
 
 def load_scenes(cfg: DataConfig, seed: int) -> DataBundle:
     """Seeded train / val scenes from disjoint digit pools (val holds unseen handwriting)."""
-    from pipeline.scenes import make_scenes, split_pools
+    from pipeline.tasks.scenes import make_scenes, split_pools
 
     spec = scene_spec(cfg)
     train_pool, val_pool = split_pools(seed, cfg.val_fraction)
@@ -85,7 +85,7 @@ def _mask_root(cfg: DataConfig, base_dir: Path) -> Path:
 
 def check_masks(cfg: DataConfig, base_dir: Path) -> None:
     """Preflight of a mask folder: layout, pairs, sizes and class values (every mask is read)."""
-    from pipeline.maskfolder import scan_split
+    from pipeline.tasks.maskfolder import scan_split
 
     root = _mask_root(cfg, base_dir)
     for split in ("train", "val"):
@@ -94,7 +94,7 @@ def check_masks(cfg: DataConfig, base_dir: Path) -> None:
 
 def load_masks(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     """A user's `root/{train,val}/{images,masks}` folders; calibration from train, eval transform."""
-    from pipeline.maskfolder import MaskFolderDataset, scan_split
+    from pipeline.tasks.maskfolder import MaskFolderDataset, scan_split
 
     root = _mask_root(cfg, base_dir)
     train_pairs, val_pairs = scan_split(root, "train", cfg.num_classes), scan_split(root, "val", cfg.num_classes)
