@@ -2,7 +2,7 @@
 
 Runs the real `teacher` stage (same code path as `python -m pipeline run`) on the demo config
 for every (recipe, seed) pair and prints the val accuracy per seed, mean ± std and worst seed.
-DESIGN.md: a teacher trained from scratch on little data can collapse; distillation needs a
+A teacher trained from scratch on little data can collapse (seen on the digits); distillation needs a
 teacher that reliably beats the student, so the default must hold on every seed, not on average.
 
     python benchmarks/teacher_recipe.py                      # demo config, 3 seeds, 3 recipes

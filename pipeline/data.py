@@ -1,6 +1,6 @@
 """Datasets for every stage: train / val / calibration splits from one `[data]` table.
 
-Three sources (see DESIGN.md, "Data"):
+Three classification sources:
 
 - ``digits``: scikit-learn's 1,797 handwritten 8×8 digits, shipped inside scikit-learn (no
   download), resized once to ``image_size`` and kept in memory as tensors.

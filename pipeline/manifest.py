@@ -26,10 +26,14 @@ FORMAT_VERSION = 1
 
 Status = Literal["ok", "failed", "skipped", "gate_failed", "unavailable"]
 
-# Unit and direction of every metric name the pipeline records (DESIGN.md contract). Stored in
+# Unit and direction of every metric name the pipeline records (names fixed: tests and users rely on them). Stored in
 # the manifest so a reader never has to guess whether bigger is better.
 METRIC_UNITS: dict[str, dict[str, str]] = {
     "accuracy": {"unit": "fraction", "better": "higher"},
+    "miou": {"unit": "fraction", "better": "higher"},
+    "pixel_accuracy": {"unit": "fraction", "better": "higher"},
+    "map": {"unit": "fraction", "better": "higher"},
+    "map_50": {"unit": "fraction", "better": "higher"},
     "latency_p50_ms": {"unit": "ms", "better": "lower"},
     "latency_p90_ms": {"unit": "ms", "better": "lower"},
     "latency_p99_ms": {"unit": "ms", "better": "lower"},
@@ -133,7 +137,7 @@ class ManifestModel(BaseModel):
     metric_units: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(METRIC_UNITS))
     stages: dict[str, StageRecord] = {}
     ship: dict[str, dict[str, Any]] = Field(
-        {}, description="Per target: the build to ship (fastest passing the accuracy gates), why, and the candidates."
+        {}, description="Per target: the build to ship (fastest passing the quality gates), why, and the candidates."
     )
 
 
