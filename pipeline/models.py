@@ -147,7 +147,7 @@ def _in_head(key: str, heads: list[str]) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+def as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     """The state dict inside a loaded checkpoint, or None if it is not one."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
@@ -224,7 +224,7 @@ def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
         else:
             reason = text.splitlines()[0] if text else type(exc).__name__
         raise ConfigError(f"weights = '{path}': cannot read it as a torch state dict ({reason})") from None
-    sd = _as_state_dict(obj)
+    sd = as_state_dict(obj)
     if sd is None:
         raise ConfigError(
             f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"

@@ -47,7 +47,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.detpost import OUTPUT_NAMES
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, _as_state_dict
+from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def load_det_weights(model: DetRaw, path: Path) -> None:
             text.splitlines()[0] if text else type(exc).__name__
         )
         raise ConfigError(f"weights = '{path}': cannot read it as a torch state dict ({reason})") from None
-    sd = _as_state_dict(obj)
+    sd = as_state_dict(obj)
     if sd is None:
         raise ConfigError(
             f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"

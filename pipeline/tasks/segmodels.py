@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, _as_state_dict
+from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def load_seg_weights(model: SegLogits, path: Path, *, arch: str) -> None:
             text.splitlines()[0] if text else type(exc).__name__
         )
         raise ConfigError(f"weights = '{path}': cannot read it as a torch state dict ({reason})") from None
-    sd = _as_state_dict(obj)
+    sd = as_state_dict(obj)
     if sd is None:
         raise ConfigError(
             f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"
