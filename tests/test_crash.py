@@ -104,7 +104,7 @@ def test_killed_run_resumes_exactly(tmp_path, reference, point, after, where):
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
-    cfg = _write(tmp_path, "[teacher]\nepochs = 6\n")  # long enough to be interrupted mid-teacher
+    cfg = _write(tmp_path, "[teacher]\nepochs = 12\n")  # long enough to be interrupted mid-teacher, even on a loaded machine
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     checkpoint = cfg.parent / "run" / "teacher" / "checkpoint.pt"
