@@ -233,31 +233,37 @@ def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
     log.info("%s: loaded weights from %s", arch, path)
 
 
-def _load_torchvision_weights(model: nn.Module, arch: str, spec: str) -> None:
-    """Load ``torchvision:<ENUM_NAME>`` pretrained weights (downloads; needs a network)."""
+def torchvision_state_dict(name: str, spec: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """The state dict of ``torchvision:<ENUM_NAME>`` weights for torchvision model ``name``, and the
+    weights enum it came from. The enum is resolved before any download, so a typo fails fast and
+    offline; the download itself needs a network. Raises :class:`ConfigError`."""
     import torchvision.models
 
     enum_name = spec[len(TORCHVISION_WEIGHTS_PREFIX) :]
     try:
-        enum = torchvision.models.get_model_weights(arch)
+        enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
-        raise ConfigError(f"weights = {spec!r}: torchvision has no pretrained weights for {arch}") from None
-    available = ["DEFAULT", *(w.name for w in enum)]
-    # Resolve the enum before any download, so a typo fails fast and offline.
+        raise ConfigError(f"weights = {spec!r}: torchvision has no pretrained weights for {name}") from None
     try:
         weights = enum[enum_name]
     except KeyError:
+        available = ["DEFAULT", *(w.name for w in enum)]
         raise ConfigError(
-            f"weights = {spec!r}: unknown weights for {arch}; available: "
+            f"weights = {spec!r}: unknown weights for {name}; available: "
             + ", ".join(TORCHVISION_WEIGHTS_PREFIX + n for n in available)
         ) from None
     try:
-        sd = weights.get_state_dict(progress=False)
+        return weights.get_state_dict(progress=False, check_hash=True), weights
     except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, corrupt cache...
         raise ConfigError(
             f"weights = {spec!r}: could not download {weights} ({exc}); this needs a network, "
             "or save the state dict to a file and give its path"
         ) from None
+
+
+def _load_torchvision_weights(model: nn.Module, arch: str, spec: str) -> None:
+    """Load ``torchvision:<ENUM_NAME>`` pretrained weights (downloads; needs a network)."""
+    sd, weights = torchvision_state_dict(arch, spec)
     # Head (label set) and the small-input conv1 legitimately differ in shape: skip those.
     _fit_state_dict(model, sd, source=str(weights), arch=arch, skip_any_shape=True)
     log.info("%s: loaded pretrained %s", arch, weights)

@@ -47,7 +47,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.detpost import OUTPUT_NAMES
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict
+from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict, torchvision_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -325,27 +325,10 @@ def load_det_weights(model: DetRaw, path: Path) -> None:
 def _load_torchvision_det_weights(model: DetRaw, spec: str) -> None:
     """``torchvision:<ENUM_NAME>``: the COCO weights of a torchvision-built arch, or the ImageNet
     backbone of a composed one (downloads; needs a network)."""
-    import torchvision.models
 
     composed = model.arch not in _TORCHVISION_BUILT
     name = _backbone_of(model.arch) if composed else model.arch
-    enum = torchvision.models.get_model_weights(name)
-    enum_name = spec[len(TORCHVISION_WEIGHTS_PREFIX) :]
-    try:  # resolve the enum before any download, so a typo fails fast and offline
-        weights = enum[enum_name]
-    except KeyError:
-        available = ["DEFAULT", *(w.name for w in enum)]
-        raise ConfigError(
-            f"weights = {spec!r}: unknown weights for {name}; available: "
-            + ", ".join(TORCHVISION_WEIGHTS_PREFIX + n for n in available)
-        ) from None
-    try:
-        sd = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, corrupt cache...
-        raise ConfigError(
-            f"weights = {spec!r}: could not download {weights} ({exc}); this needs a network, "
-            "or save the state dict to a file and give its path"
-        ) from None
+    sd, weights = torchvision_state_dict(name, spec)
     if composed:
         # An ImageNet classifier: its feature layers are the FPN's body, its classifier (ResNet
         # `fc.*`, MobileNetV3 `classifier.*`) has no counterpart; FPN and head stay random.

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict
+from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict, torchvision_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -336,28 +336,10 @@ def load_seg_weights(model: SegLogits, path: Path, *, arch: str) -> None:
 def _load_torchvision_seg_weights(model: SegLogits, arch: str, spec: str) -> None:
     """``torchvision:<ENUM_NAME>``: the segmentation weights of a torchvision-built arch, or the
     ImageNet backbone of a composed one (downloads; needs a network)."""
-    import torchvision.models
 
     composed = arch not in _TORCHVISION_BUILT
     name = _backbone_of(arch) if composed else arch
-    enum = torchvision.models.get_model_weights(name)
-    enum_name = spec[len(TORCHVISION_WEIGHTS_PREFIX) :]
-    # Resolve the enum before any download, so a typo fails fast and offline.
-    try:
-        weights = enum[enum_name]
-    except KeyError:
-        available = ["DEFAULT", *(w.name for w in enum)]
-        raise ConfigError(
-            f"weights = {spec!r}: unknown weights for {name}; available: "
-            + ", ".join(TORCHVISION_WEIGHTS_PREFIX + n for n in available)
-        ) from None
-    try:
-        sd = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, corrupt cache...
-        raise ConfigError(
-            f"weights = {spec!r}: could not download {weights} ({exc}); this needs a network, "
-            "or save the state dict to a file and give its path"
-        ) from None
+    sd, weights = torchvision_state_dict(name, spec)
     if composed:
         # An ImageNet classifier: its feature layers are our backbone's, its classifier (ResNet
         # `fc.*`, MobileNetV3 `classifier.*`) has no counterpart.
