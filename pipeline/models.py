@@ -164,6 +164,29 @@ def as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def state_dict_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *,
+                        may_miss: tuple[str, ...] = (), may_differ=lambda key: False) -> tuple[list[str], list[str]]:
+    """How a checkpoint ``sd`` fails to fit a model's state dict ``own``: ``(problems, skippable)``.
+
+    ``problems`` names keys missing from ``sd`` (except under the ``may_miss`` prefixes),
+    unexpected keys and keys of another shape; ``skippable`` holds the shape-mismatched keys for
+    which ``may_differ(key)`` is true (they keep their initialisation instead of failing).
+    """
+    missing = [k for k in own if k not in sd and not k.startswith(may_miss)]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    skippable = [k for k in shape if may_differ(k)]
+    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+                + [f"shape {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape if k not in skippable])
+    return problems, skippable
+
+
+def describe_mismatch(problems: list[str]) -> str:
+    """The first few problems of :func:`state_dict_mismatch`, for a one-line error."""
+    more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
+    return ", ".join(problems[:4]) + more
+
+
 def _fit_state_dict(
     model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, arch: str, skip_any_shape: bool
 ) -> None:
@@ -173,22 +196,12 @@ def _fit_state_dict(
     label set). ``True``: any shape-mismatched key is skipped (pretrained weights on a model whose
     head and stem were changed). Missing or unexpected keys are always an error.
     """
-    own = model.state_dict()
     heads = head_names(model)
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    skippable = [k for k in shape if skip_any_shape or _in_head(k, heads)]
-    bad_shape = [k for k in shape if k not in skippable]
-    if missing or unexpected or bad_shape:
-        problems = (
-            [f"missing {k}" for k in missing]
-            + [f"unexpected {k}" for k in unexpected]
-            + [f"shape {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
-        )
-        more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
+    problems, skippable = state_dict_mismatch(model.state_dict(), sd,
+                                              may_differ=lambda k: skip_any_shape or _in_head(k, heads))
+    if problems:
         raise ConfigError(
-            f"checkpoint {source} does not fit {arch}: {', '.join(problems[:4])}{more}; "
+            f"checkpoint {source} does not fit {arch}: {describe_mismatch(problems)}; "
             "is it for another architecture or another small_input setting?"
         )
     if skippable:

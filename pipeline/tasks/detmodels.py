@@ -47,7 +47,13 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.detpost import OUTPUT_NAMES
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict, torchvision_state_dict
+from pipeline.models import (
+    TORCHVISION_WEIGHTS_PREFIX,
+    as_state_dict,
+    describe_mismatch,
+    state_dict_mismatch,
+    torchvision_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -271,22 +277,13 @@ def _fit_det_state_dict(
         for prefix in ("head.classification_head.", "head.regression_head."):
             _v1_to_v2_weights(sd, prefix)
     class_heads = tuple(h + "." for h in model.head_layers if ".classification_head." in h)
-    missing = [k for k in own if k not in sd and not k.startswith(may_miss) and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    head_shape = [k for k in shape if k.startswith(class_heads)]
-    bad_shape = [k for k in shape if k not in head_shape]
-    if missing or unexpected or bad_shape:
-        problems = (
-            [f"missing {k}" for k in missing]
-            + [f"unexpected {k}" for k in unexpected]
-            + [f"shape {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
-        )
-        more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise ConfigError(
-            f"weights = '{source}' does not fit {model.arch}: {', '.join(problems[:4])}{more}; "
-            "is it for another architecture?"
-        )
+    # FrozenBatchNorm checkpoints have no num_batches_tracked: it may be absent.
+    own_checked = {k: v for k, v in own.items() if k in sd or not k.endswith(".num_batches_tracked")}
+    problems, head_shape = state_dict_mismatch(own_checked, sd, may_miss=may_miss,
+                                               may_differ=lambda k: k.startswith(class_heads))
+    if problems:
+        raise ConfigError(f"weights = '{source}' does not fit {model.arch}: {describe_mismatch(problems)}; "
+                          "is it for another architecture?")
     if head_shape:
         log.warning("%s: %s has a class head for another class count; kept random init for %s",
                     model.arch, source, ", ".join(head_shape))

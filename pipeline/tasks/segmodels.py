@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import TORCHVISION_WEIGHTS_PREFIX, as_state_dict, torchvision_state_dict
+from pipeline.models import (
+    TORCHVISION_WEIGHTS_PREFIX,
+    as_state_dict,
+    describe_mismatch,
+    state_dict_mismatch,
+    torchvision_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,22 +286,10 @@ def _fit_seg_state_dict(
     if aux:
         log.info("%s: skipped %d auxiliary-classifier key(s) of %s (training-only head)", arch, len(aux), source)
     sd = {k: v for k, v in sd.items() if k not in aux}
-    missing = [k for k in own if k not in sd and not k.startswith(may_miss)]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    head_shape = [k for k in shape if k.startswith(heads)]
-    bad_shape = [k for k in shape if k not in head_shape]
-    if missing or unexpected or bad_shape:
-        problems = (
-            [f"missing {k}" for k in missing]
-            + [f"unexpected {k}" for k in unexpected]
-            + [f"shape {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]
-        )
-        more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
-        raise ConfigError(
-            f"weights = '{source}' does not fit {arch}: {', '.join(problems[:4])}{more}; "
-            "is it for another architecture?"
-        )
+    problems, head_shape = state_dict_mismatch(own, sd, may_miss=may_miss, may_differ=lambda k: k.startswith(heads))
+    if problems:
+        raise ConfigError(f"weights = '{source}' does not fit {arch}: {describe_mismatch(problems)}; "
+                          "is it for another architecture?")
     if head_shape:
         log.warning(
             "%s: %s has a classifier head for another class count; kept random init for %s",
