@@ -190,3 +190,9 @@ def test_segmentation_end_to_end_on_mask_folders(tmp_path):
     assert gates and {g["gate"] for g in gates} == {"max_metric_drop"} and all("miou" in g["metric"] for g in gates)
     assert set(manifest["ship"]) == {"torch", "onnxruntime", "openvino", "tensorrt"}
     assert (tmp_path / "run" / "report.html").read_text().count("mIoU") > 3
+
+
+def test_a_task_without_its_module_is_a_config_error():
+    with pytest.raises(ConfigError, match="pipeline.task = 'detection' is not available in this version; "
+                                          "available: classification, segmentation"):
+        config.from_dict({"pipeline": {"task": "detection"}, "data": {"source": "scenes"}})

@@ -9,6 +9,7 @@ task is adding a module here and its name to ``[pipeline] task``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from functools import lru_cache
 
 from pipeline.errors import ConfigError
