@@ -216,14 +216,10 @@ def _fit_state_dict(
     model.load_state_dict(filtered, strict=not skippable)
 
 
-def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
-    """Load a state-dict file into ``model`` (``torch.load(..., weights_only=True)``).
-
-    Accepts a plain state dict or a dict holding one under ``"state_dict"`` or ``"model"``.
-    Strict, except classifier-head keys whose shape differs, which keep their random init
-    (fine-tuning a checkpoint from another label set). Raises :class:`ConfigError` for a
-    missing, unreadable or non-state-dict file, and for a checkpoint of another architecture.
-    """
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state-dict file, loaded with ``weights_only=True``: a plain state dict or one under
+    ``"state_dict"`` / ``"model"``. A missing, unreadable or non-state-dict file is a one-line
+    :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights = '{path}': file not found; give a state-dict path, 'torchvision:DEFAULT' or ''")
@@ -242,6 +238,19 @@ def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
         raise ConfigError(
             f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"
         )
+    return sd
+
+
+def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
+    """Load a state-dict file into ``model`` (``torch.load(..., weights_only=True)``).
+
+    Accepts a plain state dict or a dict holding one under ``"state_dict"`` or ``"model"``.
+    Strict, except classifier-head keys whose shape differs, which keep their random init
+    (fine-tuning a checkpoint from another label set). Raises :class:`ConfigError` for a
+    missing, unreadable or non-state-dict file, and for a checkpoint of another architecture.
+    """
+    path = Path(path)
+    sd = read_state_dict(path)
     _fit_state_dict(model, sd, source=str(path), arch=arch, skip_any_shape=False)
     log.info("%s: loaded weights from %s", arch, path)
 

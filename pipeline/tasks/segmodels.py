@@ -28,7 +28,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.models import (
     TORCHVISION_WEIGHTS_PREFIX,
-    as_state_dict,
+    read_state_dict,
     describe_mismatch,
     state_dict_mismatch,
     torchvision_state_dict,
@@ -307,22 +307,7 @@ def load_seg_weights(model: SegLogits, path: Path, *, arch: str) -> None:
     count keeps its random init (logged); any other mismatch is a :class:`ConfigError`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights = '{path}': file not found; give a state-dict path, 'torchvision:DEFAULT' or ''")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, pickle refused by weights_only, truncated file...
-        text = str(exc).strip()
-        # torch's own advice on a refused pickle (weights_only=False) would run arbitrary code: not echoed.
-        reason = "corrupt, or holds pickled objects beyond tensors" if "Weights only load failed" in text else (
-            text.splitlines()[0] if text else type(exc).__name__
-        )
-        raise ConfigError(f"weights = '{path}': cannot read it as a torch state dict ({reason})") from None
-    sd = as_state_dict(obj)
-    if sd is None:
-        raise ConfigError(
-            f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"
-        )
+    sd = read_state_dict(path)
     _fit_seg_state_dict(model, sd, source=str(path), arch=arch)
     log.info("%s: loaded weights from %s", arch, path)
 
