@@ -195,7 +195,10 @@ def _calibration_metric(task: Task, num_classes: int):
             one = task.evaluator(num_classes)
             one.update(outs, targets)
             total.update(outs, targets)
-            per_item.append(one.compute()[task.metric])
+            try:
+                per_item.append(one.compute()[task.metric])
+            except ValueError:  # no object in this batch (detection): no mAP of its own; rank it neutral
+                per_item.append(0.0)
         return (total.compute()[task.metric] if per_item else 0.0), per_item
 
     return validate

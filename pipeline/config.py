@@ -69,15 +69,19 @@ class ScenesConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "imagefolder", "torchvision", "scenes", "masks"] = Field(
+    source: Literal["digits", "imagefolder", "torchvision", "scenes", "masks", "coco"] = Field(
         "digits", description="digits (embedded, scikit-learn) | imagefolder | torchvision (classification); "
-                              "scenes (embedded) | masks (segmentation)"
+                              "scenes (embedded; segmentation, detection) | masks (segmentation) | coco (detection)"
     )
     root: str = Field("", description="imagefolder: root/train/<class>/*, root/val/<class>/*; masks: root/{train,val}/{images,masks}/*; torchvision: download root.")
     num_classes: int = Field(0, ge=0, le=255, description="masks: classes including background (mask value = class index, 255 = ignore).")
     class_names: list[str] = Field([], description="masks: optional class names, num_classes of them (background first).")
     scenes: ScenesConfig = Field(default_factory=ScenesConfig)
     name: str = Field("", description="torchvision dataset class name, e.g. 'CIFAR10'.")
+    train_images: str = Field("", description="coco: folder of the training images (relative to the config).")
+    train_annotations: str = Field("", description="coco: COCO instances JSON of the training split.")
+    val_images: str = Field("", description="coco: folder of the validation images.")
+    val_annotations: str = Field("", description="coco: COCO instances JSON of the validation split.")
     download: bool = Field(False, description="torchvision: allow downloading the dataset (needs a network).")
     image_size: int = Field(32, ge=8, le=1024, description="Square input side in pixels.")
     batch_size: int = Field(64, ge=1, le=4096, description="Training batch size; also the 'configured batch' for throughput.")
@@ -105,6 +109,12 @@ class DataConfig(_Section):
                                  "val/images and val/masks")
             if self.num_classes < 2:
                 raise ValueError("data.num_classes: source 'masks' needs the class count, background included (>= 2)")
+        if self.source == "coco":
+            missing = [k for k in ("train_images", "train_annotations", "val_images", "val_annotations")
+                       if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"data.{missing[0]}: source 'coco' needs train_images, train_annotations, "
+                                 "val_images and val_annotations (image folders and COCO instances JSON files)")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"data.class_names: {len(self.class_names)} names for num_classes = {self.num_classes}")
         return self
@@ -123,8 +133,15 @@ class OptimConfig(_Section):
     amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16).")
 
 
+def _fpn_channels() -> Any:
+    return Field(256, ge=8, le=1024,
+                 description="detection: width of the FPN and the head (torchvision's: 256); narrower trains faster on CPU.")
+
+
 class TeacherConfig(OptimConfig):
-    arch: str = Field("resnet34", description="torchvision classification model name, or timm:<name>.")
+    arch: str = Field("resnet34", description="Model name for the task: a torchvision classifier (or timm:<name>), "
+                                              "a segmentation or detection model (see README).")
+    fpn_channels: int = _fpn_channels()
     weights: str = Field("", description="'' random init | path to a state dict | 'torchvision:DEFAULT'.")
     small_input: Literal["auto", "on", "off"] = Field(
         "auto", description="Stride-1 stem for small inputs (auto: on below 64 px)."
@@ -161,6 +178,11 @@ class KDConfig(_Section):
 class DistillConfig(OptimConfig):
     epochs: int = Field(10, ge=0, le=10_000, description="Training epochs.")
     student: str = Field("resnet18", description="Student architecture (torchvision name or timm:<name>).")
+    fpn_channels: int = _fpn_channels()
+    init_student: bool = Field(
+        False, description="detection: start the distilled student from the teacher's neck and head weights where "
+                           "shapes match (the MGD authors' RetinaNet recipe); the baseline starts from random init."
+    )
     weights: str = Field("", description="Student initial weights: '' | state dict path | 'torchvision:DEFAULT'.")
     small_input: Literal["auto", "on", "off"] = Field("auto", description="Stride-1 stem for small inputs.")
     method: Literal["mgd", "kd", "mgd+kd", "none"] = Field("mgd", description="mgd | kd | mgd+kd | none")
@@ -354,6 +376,12 @@ def _apply_task_defaults(cfg: Config) -> None:
                     setattr(table, key, value)
                 except ValidationError as exc:  # e.g. the default pairs badly with the user's other list
                     raise ConfigError("; ".join(_format_error(e) for e in exc.errors())) from None
+    if task.name != "detection":
+        for key, table in (("teacher.fpn_channels", cfg.teacher), ("distill.fpn_channels", cfg.distill)):
+            if table.fpn_channels != 256:
+                raise ConfigError(f"{key} = {table.fpn_channels} is a detection setting; pipeline.task is {task.name!r}")
+        if cfg.distill.init_student:
+            raise ConfigError(f"distill.init_student is a detection setting; pipeline.task is {task.name!r}")
     if task.metric != "accuracy":
         for alias, name in (("max_accuracy_drop", "max_metric_drop"), ("max_int8_accuracy_drop", "max_int8_metric_drop")):
             if getattr(cfg.gates, alias) is not None:

@@ -39,7 +39,7 @@ def build_teacher(cfg: "Config", num_classes: int, weights: str | None = None) -
     t = cfg.teacher
     return get_task(cfg.pipeline.task).build_model(
         t.arch, num_classes, image_size=cfg.data.image_size, small_input=t.small_input,
-        weights=t.weights if weights is None else weights, base_dir=cfg.resolve("."))
+        weights=t.weights if weights is None else weights, base_dir=cfg.resolve("."), fpn_channels=t.fpn_channels)
 
 
 def build_student(cfg: "Config", num_classes: int, weights: str | None = None) -> nn.Module:
@@ -47,7 +47,7 @@ def build_student(cfg: "Config", num_classes: int, weights: str | None = None) -
     d = cfg.distill
     return get_task(cfg.pipeline.task).build_model(
         d.student, num_classes, image_size=cfg.data.image_size, small_input=d.small_input,
-        weights=d.weights if weights is None else weights, base_dir=cfg.resolve("."))
+        weights=d.weights if weights is None else weights, base_dir=cfg.resolve("."), fpn_channels=d.fpn_channels)
 
 
 def check_weights_file(cfg: "Config", table: str, build: Callable[["Config", int], nn.Module]) -> None:
@@ -78,7 +78,7 @@ def load_frozen_teacher(ctx: "StageContext") -> nn.Module:
 
 
 def pruned_payload(model: nn.Module, history: list, *, arch: str, num_classes: int, image_size: int,
-                   small_input: str, task: str = "classification") -> dict[str, Any]:
+                   small_input: str, task: str = "classification", fpn_channels: int = 256) -> dict[str, Any]:
     """The plain-data record of a pruned model (see the module docstring)."""
     payload = {
         "format": PRUNED_FORMAT,
@@ -93,6 +93,8 @@ def pruned_payload(model: nn.Module, history: list, *, arch: str, num_classes: i
     }
     if task != "classification":  # absent means classification (artifacts written before tasks existed)
         payload["task"] = task
+    if fpn_channels != 256:  # absent means torchvision's width
+        payload["fpn_channels"] = int(fpn_channels)
     return payload
 
 
@@ -109,7 +111,7 @@ def rebuild_pruned(payload: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"pruned artifact version {payload.get('version')!r} is not supported (expected {PRUNED_VERSION})")
     task = get_task(payload.get("task", "classification"))
     model = task.build_model(payload["arch"], payload["num_classes"], image_size=payload["image_size"],
-                             small_input=payload["small_input"])
+                             small_input=payload["small_input"], fpn_channels=int(payload.get("fpn_channels", 256)))
     model.eval()
     example = torch.zeros(1, 3, payload["image_size"], payload["image_size"])
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)

@@ -115,10 +115,15 @@ class StageContext:
 
     @property
     def task(self) -> "Task":
-        """The run's task (`[pipeline] task`)."""
+        """The run's task (`[pipeline] task`), bound to the run's config (see ``Task.bind``).
+
+        Binding reads the whole config, not the stage's scoped view: what it reads (the models'
+        family and input size) is covered by every stage's key through its input artifacts.
+        """
         from pipeline.tasks import get_task
 
-        return get_task(self.cfg.pipeline.task)
+        cfg = self.cfg._cfg if isinstance(self.cfg, ScopedConfig) else self.cfg
+        return get_task(cfg.pipeline.task).bind(cfg)
 
     @property
     def data(self) -> "DataBundle":

@@ -15,13 +15,24 @@ if not console.is_terminal:
     console.width = max(console.width, 150)
 
 
+class _QuietRootLibraries(logging.Filter):
+    """ONNX Runtime's quantization tools log through the ROOT logger at INFO (one line per
+    weight scale they adjust): keep their warnings, drop their chatter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name != "root" or "onnxruntime" not in record.pathname
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Route logging through rich so log lines and progress bars do not overwrite each other."""
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
+    if not verbose:
+        handler.addFilter(_QuietRootLibraries())
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)],
+        handlers=[handler],
         force=True,
     )
     # Third-party libraries are chatty at INFO; keep their warnings.

@@ -43,10 +43,25 @@ def _build_student(ctx: StageContext) -> nn.Module:
     return build_student(ctx.cfg, ctx.data.num_classes)
 
 
+def init_from_teacher(student: nn.Module, teacher: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Copy the teacher's tensors under ``prefixes`` into the student where names and shapes
+    match; return the names copied. The MGD authors start their RetinaNet students from the
+    teacher's neck and head this way (``init_student``)."""
+    own = student.state_dict()
+    copied = {k: v for k, v in teacher.state_dict().items()
+              if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return sorted(copied)
+
+
 def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train one student (`method` "none" = task loss alone) and save its state dict."""
     cfg: DistillConfig = ctx.cfg.distill
     student = _build_student(ctx)
+    if cfg.init_student and method != "none":
+        copied = init_from_teacher(student, load_frozen_teacher(ctx), ("backbone.fpn.", "head."))
+        log.info("%s: init_student copied %d tensors of the teacher's neck and head (%d elements)", name,
+                 len(copied), sum(student.state_dict()[k].numel() for k in copied))
     with distillation(ctx, student, method) as (loss_fn, head):
         train, val = loaders(ctx)
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
@@ -68,6 +83,7 @@ def preflight(cfg) -> None:
         task.check_arch(cfg.distill.student)
     except ConfigError as exc:
         raise ConfigError(f"distill.student: {exc}") from None
+    task.check_pair(cfg.teacher.arch, cfg.distill.student)
     if cfg.distill.weights and not cfg.distill.weights.startswith("torchvision:"):
         check_weights_file(cfg, "distill", build_student)
     if cfg.distill.method in ("mgd", "mgd+kd"):

@@ -195,6 +195,14 @@ def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
     return history.epochs
 
 
+def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:
+    """The pruned artifact's plain-data record for the configured student."""
+    d = ctx.cfg.distill
+    return pruned_payload(model, history, arch=d.student, num_classes=ctx.data.num_classes,
+                          image_size=ctx.cfg.data.image_size, small_input=d.small_input, task=ctx.task.name,
+                          fpn_channels=d.fpn_channels)
+
+
 def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, list]:
     """Prune a copy of the student, or reload the pruned-but-unhealed model saved by an
     interrupted run of this same stage (same key), so healing resumes on identical channels."""
@@ -209,9 +217,7 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
     model = build_student(ctx.cfg, ctx.data.num_classes, weights="")
     model.load_state_dict(student.state_dict())
     history = prune_model(model, ctx, cfg, dcfg.student)
-    payload = pruned_payload(model.cpu(), history, arch=dcfg.student, num_classes=ctx.data.num_classes,
-                             image_size=ctx.cfg.data.image_size, small_input=dcfg.small_input,
-                             task=ctx.task.name)
+    payload = _payload(ctx, model.cpu(), history)
     save_torch({**payload, "key": ctx.key}, saved)
     return model, payload["history"]
 
@@ -251,10 +257,7 @@ def run(ctx: StageContext) -> StageResult:
     history = _heal(ctx, model)
     model.eval()
     path = ctx.out_dir / "pruned.pt"
-    payload = pruned_payload(model.cpu(), prune_history, arch=ctx.cfg.distill.student,
-                             num_classes=ctx.data.num_classes, image_size=ctx.cfg.data.image_size,
-                             small_input=ctx.cfg.distill.small_input, task=task.name)
-    save_torch(payload, path)
+    save_torch(_payload(ctx, model.cpu(), prune_history), path)
     model.to(ctx.device)
 
     # Latency before and after, measured back to back with the same harness, so the ratio is

@@ -112,7 +112,8 @@ def test_onnx_raw_outputs_and_decode_match_torch(tmp_path, arch):
     settings = dict(arch_kind=model.arch_kind, image_size=S, level_sizes=model.level_sizes, score_thresh=0.2)
     for a, b in zip(decode(ort, model.anchors, **settings), decode(ref, model.anchors, **settings), strict=True):
         assert len(a["scores"]) == len(b["scores"]) > 0
-        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-4)
+        # Box offsets are scaled by the anchor size (up to 128 px at P7): 1e-4 raw is ~0.03 px here.
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.05)
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
         np.testing.assert_array_equal(a["labels"], b["labels"])
     try:

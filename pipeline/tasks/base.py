@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.config import DataConfig, KDConfig, OptimConfig
+    from pipeline.config import Config, DataConfig, KDConfig, OptimConfig
     from pipeline.data import DataBundle
 
 
@@ -57,6 +57,12 @@ class Task:
     mgd_defaults: ClassVar[dict[str, Any]]  # [distill.mgd] alpha / mask_ratio / mask the user left out
     kd_defaults: ClassVar[dict[str, Any]] = {}  # [distill.kd] values the user left out
 
+    def bind(self, cfg: "Config") -> "Task":
+        """This task for one run's config. Tasks whose post-processing depends on the run's models
+        (detection decodes with the detector family's anchors at the input size) return a bound
+        copy; the others return themselves."""
+        return self
+
     # -- data --------------------------------------------------------------------------------
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
         """Cheap preflight of ``[data]`` (paths, layout); a ConfigError/DataError naming the problem."""
@@ -72,9 +78,13 @@ class Task:
         raise NotImplementedError
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path(".")) -> "nn.Module":
-        """The model, with ``num_classes`` outputs, for ``image_size``² RGB inputs."""
+                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
+        """The model, with ``num_classes`` outputs, for ``image_size``² RGB inputs
+        (``small_input``: classification stems; ``fpn_channels``: detection necks)."""
         raise NotImplementedError
+
+    def check_pair(self, teacher: str, student: str) -> None:
+        """A ConfigError when this teacher and student cannot be distilled together (default: any pair can)."""
 
     def default_layers(self, arch: str) -> list[str]:
         """The layers MGD taps on `arch` when `[distill.mgd]` names none (its last feature stage)."""

@@ -67,7 +67,7 @@ class Classification(Task):
         check_arch(arch)
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path(".")) -> "nn.Module":
+                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
         from pipeline.models import build_model
 
         return build_model(arch, num_classes, image_size=image_size, small_input=small_input, weights=weights,

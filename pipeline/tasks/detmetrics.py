@@ -29,6 +29,28 @@ from pipeline.tasks.letterbox import boxes_from_letterbox
 log = logging.getLogger(__name__)
 
 
+def box_matches(ref_boxes: np.ndarray, ref_labels: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                iou: float) -> int:
+    """How many reference boxes have a same-label box at IoU ≥ ``iou`` (greedy, one to one, in
+    reference order): how far two runtimes' detections of one image agree."""
+    from torchvision.ops import box_iou
+
+    if len(ref_boxes) == 0 or len(boxes) == 0:
+        return 0
+    overlap = box_iou(torch.as_tensor(np.asarray(ref_boxes, np.float32)), torch.as_tensor(np.asarray(boxes, np.float32)))
+    same = torch.as_tensor(np.asarray(ref_labels))[:, None] == torch.as_tensor(np.asarray(labels))[None, :]
+    overlap = torch.where(same, overlap, torch.zeros(()))
+    taken = torch.zeros(len(boxes), dtype=torch.bool)
+    found = 0
+    for row in overlap:
+        row = torch.where(taken, torch.full_like(row, -1.0), row)
+        best = int(row.argmax())
+        if row[best] >= iou:
+            taken[best] = True
+            found += 1
+    return found
+
+
 def _xywh(boxes_xyxy: torch.Tensor) -> list[list[float]]:
     b = boxes_xyxy.to(torch.float64)
     return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], dim=1).tolist()

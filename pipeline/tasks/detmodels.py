@@ -196,12 +196,12 @@ def _head_layers(head: nn.Module, kind: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_net(arch: str, num_classes: int, image_size: int) -> nn.Module:
+def _torchvision_net(arch: str, num_classes: int, image_size: int, fpn_channels: int = 256) -> nn.Module:
     """The torchvision detector (randomly initialised, plain BatchNorm, nothing frozen)."""
     import torchvision.models
     from torchvision.models import detection as det
     from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
-    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     kind = det_arch_kind(arch)
@@ -215,27 +215,38 @@ def _torchvision_net(arch: str, num_classes: int, image_size: int) -> nn.Module:
     if kind == "retinanet":
         sizes = retinanet_anchor_sizes(image_size)
         kwargs["anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    if arch in _TORCHVISION_BUILT:  # without pretrained weights torchvision trains every layer, plain BN
+    if arch in _TORCHVISION_BUILT and fpn_channels == 256:  # untrained: every layer trainable, plain BN
         return getattr(det, arch)(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
     name = _backbone_of(arch)
     classifier = getattr(torchvision.models, name)(weights=None)  # nn.BatchNorm2d by default
-    extra = LastLevelP6P7(256, 256)  # P6 from P5, as torchvision's RetinaNet and FCOS
+    c = fpn_channels
+    extra = LastLevelP6P7(c, c)  # P6 from P5, as torchvision's RetinaNet and FCOS
+    # torchvision's _resnet_fpn_extractor / _mobilenet_extractor (every layer trainable), at the
+    # FPN width asked for (theirs is fixed at 256).
     if name.startswith("resnet"):
-        backbone = _resnet_fpn_extractor(classifier, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
+        stage = classifier.inplanes // 8  # C2's width: 64 (BasicBlock) or 256 (Bottleneck)
+        backbone = BackboneWithFPN(classifier, {"layer2": "0", "layer3": "1", "layer4": "2"},
+                                   [stage * 2, stage * 4, stage * 8], c, extra_blocks=extra)
     else:
-        backbone = _mobilenet_extractor(classifier, True, 6, returned_layers=[2, 3, 5], extra_blocks=extra)
+        features = classifier.features
+        stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+        picked = [stages[k] for k in (2, 3, 5)]  # strides 8, 16, 32
+        backbone = BackboneWithFPN(features, {str(i): str(v) for v, i in enumerate(picked)},
+                                   [features[i].out_channels for i in picked], c, extra_blocks=extra)
     cls = det.RetinaNet if kind == "retinanet" else det.FCOS
     return cls(backbone, num_classes, **kwargs)
 
 
 def build_det_model(
-    arch: str, num_classes: int, *, image_size: int, weights: str = "", base_dir: Path = Path(".")
+    arch: str, num_classes: int, *, image_size: int, weights: str = "", base_dir: Path = Path("."),
+    fpn_channels: int = 256,
 ) -> DetRaw:
     """Build a detector returning raw head outputs for ``N×3×image_size×image_size`` inputs.
 
     ``arch``: one of :data:`DET_ARCHS`. ``num_classes``: object classes (SSD adds background).
     ``image_size``: the fixed input side, a multiple of 32; anchors are computed for it (see the
-    module docstring). ``weights``: ``""`` (random init; the caller seeds torch), a state-dict path
+    module docstring). ``fpn_channels``: the FPN and head width (torchvision's 256; not SSDlite,
+    which has no FPN). ``weights``: ``""`` (random init; the caller seeds torch), a state-dict path
     (relative to ``base_dir``, see :func:`load_det_weights`), or ``torchvision:DEFAULT`` /
     ``torchvision:<ENUM_NAME>`` (downloads: COCO detector weights for the torchvision-built
     archs, ImageNet backbone weights for the composed ones). Raises :class:`ConfigError`.
@@ -246,7 +257,9 @@ def build_det_model(
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
         # Multiples of 32 keep every level's stride exact (torchvision's transform pads to them too).
         raise ConfigError(f"image_size = {image_size!r}: detection needs a multiple of 32 (32, 64, 96, 128, ...)")
-    model = DetRaw(arch, _torchvision_net(arch, num_classes, image_size), num_classes=num_classes,
+    if arch.startswith("ssdlite") and fpn_channels != 256:
+        raise ConfigError(f"fpn_channels = {fpn_channels}: {arch} has no FPN; leave it at 256")
+    model = DetRaw(arch, _torchvision_net(arch, num_classes, image_size, fpn_channels), num_classes=num_classes,
                    image_size=image_size, levels=_SSD_LEVELS if arch.startswith("ssdlite") else _FPN_LEVELS)
     log.info("%s: %d classes at %d px, %d anchors", arch, num_classes, image_size, len(model.anchors))
     if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):

@@ -81,7 +81,7 @@ class Segmentation(Task):
         check_seg_arch(arch)
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path(".")) -> "nn.Module":
+                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
         from pipeline.tasks.segmodels import build_seg_model
 
         return build_seg_model(arch, num_classes, weights=weights, base_dir=base_dir)
