@@ -9,6 +9,7 @@ of the per-seed differences, and how many seeds went up).
 
     python benchmarks/mgd_gain.py                                  # classification: low-data digits, 5 seeds
     python benchmarks/mgd_gain.py --task segmentation              # configs/scenes-segmentation.toml, 3 seeds
+    python benchmarks/mgd_gain.py --task detection                 # configs/scenes-detection.toml, 3 seeds
     python benchmarks/mgd_gain.py --alpha 7e-5 3.4e-3 --seeds 0 1 2   # several alphas, one teacher per seed
 """
 
@@ -27,11 +28,13 @@ from pipeline.tasks import get_task
 from pipeline.ui import console, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("none", "kd", "mgd", "mgd+kd")
+# "mgd+init": MGD with `init_student` (the student starts from the teacher's neck and head).
+METHODS = ("none", "kd", "mgd", "mgd+kd", "mgd+init")
 # Per task: the config, the methods compared and the seeds, unless given on the command line.
 DEFAULTS = {
     "classification": (ROOT / "pipeline.toml", ("none", "kd", "mgd", "mgd+kd"), [0, 1, 2, 3, 4]),
     "segmentation": (ROOT / "configs" / "scenes-segmentation.toml", ("none", "mgd", "mgd+kd"), [0, 1, 2]),
+    "detection": (ROOT / "configs" / "scenes-detection.toml", ("none", "mgd", "mgd+init"), [0, 1, 2]),
 }
 # The low-data digits experiment (classification only): the digits alone are too easy to show
 # distillation, so only a share trains and the teacher gets a longer, robust recipe.
@@ -90,7 +93,9 @@ def _config(base: config.Config, args: argparse.Namespace, tmp: str, seed: int, 
                               ("distill", "lr", args.student_lr)):
         if value is not None:
             raw[table][key] = value
-    raw["distill"].update(method=method, baseline=False)
+    raw["distill"].update(method=method.removesuffix("+init"), baseline=False)
+    if base.pipeline.task == "detection":
+        raw["distill"]["init_student"] = method.endswith("+init")
     mgd = raw["distill"]["mgd"]
     for key, value in (("alpha", alpha), ("mask", args.mask), ("mask_ratio", args.mask_ratio),
                        ("teacher_layers", args.layers), ("student_layers", args.layers)):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from export.calibration import calibration_reader
+from export.head_scope import onnx_output_layers
 from export.onnx_errors import OnnxExportError, ParityError, UnsupportedOperatorError, diagnose, first_line  # noqa: F401
 from export.runtimes import OrtRuntime
 from pipeline import dist, faults
@@ -375,9 +376,11 @@ def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndar
 # --------------------------------------------------------------------------------------------
 
 
-def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = True) -> dict[str, Any]:
+def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = True,
+                  keep_outputs_fp32: bool = False) -> dict[str, Any]:
     """Static Q/DQ INT8 for ONNX Runtime CPU: QUInt8 activations, per-channel QInt8 weights,
     MinMax calibration over `batches` of `(images, ...)`. Writes ONE checked file at `path`.
+    `keep_outputs_fp32`: the last weighted layers before the outputs stay FP32 (detection heads).
 
     Returns what was done (recorded in the manifest). Used by the stage (calibration split) and
     by the benchmarks.
@@ -400,12 +403,13 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
             log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", first_line(exc))
         reader = calibration_reader(batches, INPUT_NAME, None if dynamic else 1)  # a fixed-batch export takes one image
         out = Path(tmp) / "int8.onnx"
+        excluded = onnx_output_layers(onnx.load(str(source))) if keep_outputs_fp32 else []
         quantize_static(
             str(source), str(out), reader,
             quant_format=QuantFormat.QDQ,
             # U8 activations with S8 weights: the combination ORT's x86 CPU kernels run fastest.
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
         )
         _publish(onnx.load(str(out)), path)
     log.info("onnx_int8: quantized on %d calibration images (QDQ, QUInt8 activations, per-channel QInt8 weights)",
@@ -413,7 +417,7 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
     return {
         "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ", "activation_type": "QUInt8",
         "weight_type": "QInt8", "per_channel": True, "calibrate_method": "MinMax",
-        "calibration_images": int(reader.images), "preprocessed": preprocessed,
+        "calibration_images": int(reader.images), "preprocessed": preprocessed, "fp32_output_layers": len(excluded),
     }
 
 
@@ -422,7 +426,8 @@ def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
     cfg: OnnxConfig = ctx.cfg.onnx
     if len(ctx.data.calibration) == 0:  # type: ignore[arg-type]
         raise ConfigError("data.calibration_size: the calibration split is empty; onnx.int8 needs calibration images")
-    info = quantize_int8(fp32, path, ctx.data.loader("calibration", ctx.cfg.data.batch_size), dynamic=cfg.dynamic_batch)
+    info = quantize_int8(fp32, path, ctx.data.loader("calibration", ctx.cfg.data.batch_size), dynamic=cfg.dynamic_batch,
+                         keep_outputs_fp32=ctx.task.int8_fp32_outputs)
     return {**info, "calibration_split": "calibration", "opset": cfg.opset}
 
 

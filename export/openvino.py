@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from export.head_scope import openvino_output_layers
 from export.runtimes import OpenVINORuntime, OrtRuntime
 from pipeline import faults
 from pipeline.config import ConfigError, OpenVINOConfig
@@ -219,7 +220,9 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
     images = steps * batch if batch > 1 else len(loader.dataset)
     calibration = nncf.Dataset(loader, _images)
     preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[cfg.preset]
+    scope = _ignored_scope(ctx, model)
     info: dict[str, Any] = {
+        "fp32_output_layers": len(scope.names) if scope is not None else 0,
         "calibration_images": images,
         "calibration_split": "calibration",
         "preset": cfg.preset,
@@ -233,25 +236,40 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
             model, calibration, nncf.Dataset(_calibration_loader(ctx, batch)),
             _calibration_metric(ctx.task, ctx.data.num_classes),
             max_drop=cfg.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE, preset=preset, subset_size=steps,
+            **({"ignored_scope": scope} if scope is not None else {}),
         )
         info["max_accuracy_drop"] = cfg.max_accuracy_drop
         info["accuracy_control_data"] = "calibration"
         info["accuracy_control_metric"] = ctx.task.metric
     else:
         log.info("INT8: NNCF post-training quantization on %d calibration images (preset %s)", images, cfg.preset)
-        quantized = quantize_int8(model, loader, preset=cfg.preset)
+        quantized = quantize_int8(model, loader, preset=cfg.preset, ignored_scope=scope)
     return quantized, info
 
 
-def quantize_int8(model: "ov.Model", loader, *, preset: str = "performance") -> "ov.Model":
+def quantize_int8(model: "ov.Model", loader, *, preset: str = "performance", ignored_scope=None) -> "ov.Model":
     """NNCF post-training INT8 of an OpenVINO model over every batch of `loader` (`(images, ...)`).
 
-    Used by the stage (calibration split) and by the benchmarks.
+    Used by the stage (calibration split) and by the benchmarks. `ignored_scope`: an
+    ``nncf.IgnoredScope`` of layers kept in floating point.
     """
     import nncf
 
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
-    return nncf.quantize(model, nncf.Dataset(loader, _images), preset=presets[preset], subset_size=len(loader))
+    kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
+    return nncf.quantize(model, nncf.Dataset(loader, _images), preset=presets[preset], subset_size=len(loader),
+                         **kwargs)
+
+
+def _ignored_scope(ctx: StageContext, model: "ov.Model"):
+    """The layers producing the outputs, kept FP when the task asks (detection heads); else None."""
+    import nncf
+
+    if not ctx.task.int8_fp32_outputs:
+        return None
+    names = openvino_output_layers(model)
+    log.info("INT8: keeping the %d layers that produce the outputs in floating point", len(names))
+    return nncf.IgnoredScope(names=names, validate=False)
 
 
 def _benchmark_command(ctx: StageContext, xml: Path, runtime: OpenVINORuntime) -> str:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from export.calibration import calibration_reader
+from export.head_scope import onnx_output_layers
 from export.runtimes import OrtRuntime, TensorRTRuntime
 from pipeline.config import ConfigError, DataConfig, TensorRTConfig
 from pipeline.errors import LibraryError, UserError
@@ -104,8 +105,10 @@ def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tupl
     return tuple(fallback)
 
 
-def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fixed_batch: int | None) -> int:
-    """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically); return the image count."""
+def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
+              fixed_batch: int | None) -> tuple[int, int]:
+    """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically); return the image count
+    and the number of output layers kept in floating point."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -129,6 +132,8 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fi
         if cfg.calibration == "percentile":
             extra["CalibPercentile"] = cfg.percentile
         out = Path(tmp) / "qdq.onnx"
+        # Detection heads stay FP (the task asks): TensorRT then runs those layers in FP16/FP32.
+        excluded = onnx_output_layers(onnx.load(str(pre))) if ctx.task.int8_fp32_outputs else []
         chatter = io.StringIO()
         # ORT's histogram calibrators print progress to stdout; keep it out of the user's terminal.
         with contextlib.redirect_stdout(chatter):
@@ -138,7 +143,7 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fi
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 per_channel=cfg.per_channel, reduce_range=False,
                 calibrate_method=getattr(CalibrationMethod, _METHODS[cfg.calibration]),
-                extra_options=extra,
+                nodes_to_exclude=excluded, extra_options=extra,
             )
         log.debug("onnxruntime calibration: %s", chatter.getvalue().strip())
         if reader.images == 0:
@@ -146,7 +151,7 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str, fi
         model = onnx.load(str(out))
         _check_trt_compatible(model)
         atomic_write_bytes(target, model.SerializeToString())
-    return reader.images
+    return reader.images, len(excluded)
 
 
 def _initializers(model: "onnx.ModelProto") -> dict[str, np.ndarray]:
@@ -385,7 +390,7 @@ def run(ctx: StageContext) -> StageResult:
     image = _input_shape(dims, ctx.data.input_shape)
     batch = ctx.cfg.data.batch_size
 
-    images = _quantize(ctx, source, qdq_path, input_name, dims[0] if dims else None)
+    images, fp32_layers = _quantize(ctx, source, qdq_path, input_name, dims[0] if dims else None)
     import onnx
 
     scales = activation_scales(onnx.load(str(qdq_path)))
@@ -401,6 +406,7 @@ def run(ctx: StageContext) -> StageResult:
         "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ",
         "activation_type": "QInt8 symmetric", "weight_type": "QInt8 symmetric", "per_channel": cfg.per_channel,
         "calibration": cfg.calibration, "calibration_images": int(images), "calibration_split": "calibration",
+        "fp32_output_layers": fp32_layers,
         **({"calibration_percentile": cfg.percentile} if cfg.calibration == "percentile" else {}),
         "quantized_activations": len(scales), "latency_note": LATENCY_NOTE,
     }

@@ -56,6 +56,8 @@ class Task:
     sources: ClassVar[tuple[str, ...]]  # the `[data] source` values this task reads
     mgd_defaults: ClassVar[dict[str, Any]]  # [distill.mgd] alpha / mask_ratio / mask the user left out
     kd_defaults: ClassVar[dict[str, Any]] = {}  # [distill.kd] values the user left out
+    # INT8 builds keep the layers producing the outputs in floating point (detection heads).
+    int8_fp32_outputs: ClassVar[bool] = False
 
     def bind(self, cfg: "Config") -> "Task":
         """This task for one run's config. Tasks whose post-processing depends on the run's models

@@ -89,6 +89,7 @@ class Detection(Task):
     sources = ("scenes", "coco")
     mgd_defaults = {"alpha": 2e-5, "mask_ratio": 0.65, "mask": "pixel"}
     kd_defaults = {"temperature": 1.0, "weight": 1.0}
+    int8_fp32_outputs = True  # box offsets and class logits in FP, as NNCF's detection examples
 
     def __init__(self, kind: str | None = None, image_size: int = 0):
         self.kind, self.image_size = kind, image_size
