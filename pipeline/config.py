@@ -35,6 +35,10 @@ class PipelineConfig(_Section):
     task: Literal["classification", "segmentation", "detection"] = Field(
         "classification", description="classification | segmentation | detection: data, loss, metrics and export follow it."
     )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a training stage's per-epoch resume checkpoints after the stage is recorded "
+                           "(by default they are deleted then; with them, --force re-uses the finished training).",
+    )
 
     @field_validator("device")
     @classmethod

@@ -211,6 +211,7 @@ class Runner:
     def _run(self) -> RunOutcome:
         cfg = self.cfg
         manifest = self._load_manifest()
+        self._check_left_out_inputs(manifest)
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
         task = get_task(cfg.pipeline.task)
@@ -254,10 +255,10 @@ class Runner:
             if why is None:
                 log.info("stage %s: cached (key %s…), outputs verified", stage.name, key[:12])
                 cached.append(stage.name)
-                record = old
+                record, resume_files = old, []
             else:
                 log.info("stage %s: running (%s)", stage.name, why)
-                record, code = self._execute(stage, key, inputs, device, versions, data_holder)
+                record, code, resume_files = self._execute(stage, key, inputs, device, versions, data_holder)
                 rerun_rest = True
                 manifest.stages[stage.name] = record
                 if code != EXIT_OK:
@@ -268,6 +269,7 @@ class Runner:
             self._apply_gates(stage.name, record, manifest)
             manifest.stages[stage.name] = record
             _save(manifest)
+            self._drop_resume_files(stage.name, resume_files)
             faults.point("stage-recorded")
 
         manifest.model.ship = ship_mod.choose(manifest.model, task.metric)
@@ -283,6 +285,33 @@ class Runner:
         return outcome
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _check_left_out_inputs(self, manifest: Manifest) -> None:
+        """`--from`/`--only` leave stages out: each input they would have made must already be
+        recorded in the manifest. Checked before anything runs or is written, so a missing one is
+        bad input (exit 2), not a failed stage in the manifest. (Whether a recorded file is still
+        intact is checked when the stage runs.)"""
+        made_by = {art: s.name for s in self.stages for art in s.outputs}
+        available = set(manifest.artifact_index())
+        for stage in self.stages:
+            if stage.name not in self.selected or not stage.enabled(self.cfg):
+                continue
+            for spec in stage.inputs:
+                names = spec.rstrip("?").split("|")
+                if spec.endswith("?") or available.intersection(names):
+                    continue
+                producer = next((made_by[n] for n in names if n in made_by), "?")
+                if self.opts.only:
+                    flag, fix = "--only " + " --only ".join(self.selected), f"add --only {producer}"
+                elif self.opts.from_stage:
+                    flag, fix = f"--from {self.opts.from_stage}", f"use --from {producer}"
+                else:
+                    flag, fix = f"--target {self.opts.target}", "run the whole chain once"
+                raise ConfigError(
+                    f"{flag}: stage {stage.name} needs {names[0]!r} from stage {producer}, which this run leaves "
+                    f"out and {self.cfg.workdir} has not finished; {fix}, or run without {flag.split()[0]} first"
+                )
+            available.update(stage.outputs)
 
     def _inputs(self, stage: Stage, manifest: Manifest) -> tuple[dict[str, Artifact], str | None]:
         """Resolve and re-hash the stage's input artifacts from the manifest."""
@@ -338,7 +367,9 @@ class Runner:
                                                                    self.cfg.resolve("."))
         return ctx._data
 
-    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int]:
+    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int, list[Path]]:
+        """Run one stage and measure what it produced: (its record, exit code, the resume files it
+        used, to delete once the record is saved when the stage succeeded)."""
         import torch
 
         from pipeline.evaluate import measure
@@ -381,24 +412,24 @@ class Runner:
             outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
         except StageUnavailable as exc:
             return StageRecord(status="unavailable", reason=str(exc), ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_OK
+                               seconds=time.perf_counter() - t0, **base), EXIT_OK, []
         except UserError as exc:
             return StageRecord(status="failed", reason=str(exc), ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT, []
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.debug("stage %s failed", stage.name, exc_info=True)
                 return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
-                                   seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+                                   seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED, []
             # Writes are atomic, so nothing half-written was left; earlier artifacts are intact.
             reason = (f"disk full while writing {exc.filename or 'an artifact'} ({exc.strerror}); free space under "
                       f"{self.cfg.workdir} and run the same command again: finished stages are kept")
             return StageRecord(status="failed", reason=reason, ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT, []
         except Exception as exc:  # a stage failure is recorded, never lost in a traceback
             log.debug("stage %s failed", stage.name, exc_info=True)
             return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+                               seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED, []
         record = StageRecord(
             status="ok", outputs=outputs, metrics=metrics, history=result.history,
             reference=sorted(n for n in result.measure if stage.artifacts[n].reference),
@@ -407,7 +438,25 @@ class Runner:
         )
         for w in result.warnings:
             log.warning("stage %s: %s", stage.name, w)
-        return record, EXIT_OK
+        return record, EXIT_OK, ctx.resume_files
+
+    def _drop_resume_files(self, name: str, files: list[Path]) -> None:
+        """Delete a finished stage's resume checkpoints. Called only after the manifest holding
+        its record was written (atomically, fsynced): a kill before that leaves them to resume
+        from; a kill after it finds the stage cached and never needs them."""
+        if self.cfg.pipeline.keep_checkpoints or not dist.is_main():
+            return
+        freed = 0
+        for path in files:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            freed += size
+        if freed:
+            log.info("stage %s: deleted its resume checkpoints (%.1f MB; [pipeline] keep_checkpoints = true keeps them)",
+                     name, freed / 1e6)
 
     def _record_failure(self, manifest: Manifest, stage: Stage, reason: str, device, versions) -> None:
         manifest.stages[stage.name] = StageRecord(
