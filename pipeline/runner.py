@@ -63,6 +63,7 @@ class RunOptions:
     force: set[str] = field(default_factory=set)
     target: str | None = None  # a deployment target some stage ships to: run only the stages it needs
     rebuild_manifest: bool = False  # set a corrupt manifest aside and start a fresh one
+    config_file: Path | None = None  # recorded in the manifest, so a message can name the config of a run dir
 
 
 @dataclass
@@ -140,9 +141,10 @@ def select(stages: list[Stage], opts: RunOptions) -> list[str]:
     return [n for n in names[lo : hi + 1] if n in keep]
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, create: bool = True) -> None:
     """Every check of the user's input that can be made before anything runs: the data (through
     the task), then each enabled stage's own declared preflight, the device and the workdir.
+    `create=False` (`validate`) checks the workdir could be made without making it.
 
     Raises :class:`ConfigError` (exit code 2) so that a typo never touches the manifest.
     """
@@ -151,7 +153,7 @@ def preflight(cfg: Config) -> None:
         if stage.preflight is not None and stage.enabled(cfg):
             stage.preflight(cfg)
     resolve_device(cfg.pipeline.device)
-    _check_writable(cfg.workdir, cfg.pipeline.workdir)
+    (_check_writable if create else _check_could_write)(cfg.workdir, cfg.pipeline.workdir)
 
 
 def _check_writable(workdir: Path, as_written: str) -> None:
@@ -162,6 +164,21 @@ def _check_writable(workdir: Path, as_written: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _check_could_write(workdir: Path, as_written: str) -> None:
+    """`_check_writable` without touching the disk: the workdir, or the nearest folder above it
+    that exists, must be a folder this process may write into."""
+    existing = Path(os.path.abspath(workdir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no permission to write in {existing}"
+    else:
+        return
+    raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({why})")
 
 
 def _save(manifest: Manifest) -> None:
@@ -225,6 +242,9 @@ class Runner:
             "versions": versions,
             "updated": _now(),
         }
+        if self.opts.config_file is not None:  # relative to the workdir: still right when the tree moves
+            manifest.model.pipeline["config_file"] = os.path.relpath(Path(self.opts.config_file).resolve(),
+                                                                     cfg.workdir.resolve())
         outcome = RunOutcome(code=EXIT_OK, manifest=manifest, visited=[])
         data_holder: dict[str, object] = {}
         rerun_rest = False  # once a stage re-ran, everything after it re-runs
