@@ -1,4 +1,5 @@
-"""nox sessions.
+"""nox sessions. Run them with `./noxw` (nox from its own small venv, `.nox/_nox`; works on a stock
+Debian/Ubuntu Python) or with any nox: `./noxw -s demo`, `./noxw -l`.
 
 - `nox -s demo`: the demo pipeline; `nox -s tests`: the test suite.
 - `nox -s "target(device='cpu-openvino')"`, `"target(device='cpu-onnxruntime')"`,
@@ -18,6 +19,7 @@ there, because onnxruntime-gpu must not share a venv with onnxruntime.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -42,8 +44,13 @@ def _env(session: nox.Session, name: str = "_env", extras: str = "test", swap: t
     if python.exists() and stamp.exists() and stamp.read_text() == want:
         return str(python)
     session.log(f"building {venv} (first time, or pyproject.toml changed)")
-    session.run(sys.executable, "-m", "venv", "--clear", str(venv), external=True)
-    session.run(str(python), "-m", "pip", "install", "-q", "--upgrade", "pip", external=True)
+    if importlib.util.find_spec("ensurepip") is not None and not os.environ.get("NOXW_NO_ENSUREPIP"):
+        session.run(sys.executable, "-m", "venv", "--clear", str(venv), external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", "--upgrade", "pip", external=True)
+    else:  # Debian/Ubuntu without python3-venv: nox's own pip (./noxw makes one) installs pip there
+        session.run(sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv), external=True)
+        session.run(sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--upgrade", "pip",
+                    external=True)
     session.run(str(python), "-m", "pip", "install", "-q", "-e", f".[{extras}]", external=True)
     if swap:
         session.run(str(python), "-m", "pip", "uninstall", "-y", "-q", swap[0], external=True)

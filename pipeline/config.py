@@ -35,6 +35,10 @@ class PipelineConfig(_Section):
     task: Literal["classification", "segmentation", "detection"] = Field(
         "classification", description="classification | segmentation | detection: data, loss, metrics and export follow it."
     )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a training stage's per-epoch resume checkpoints after the stage is recorded "
+                           "(by default they are deleted then; with them, --force re-uses the finished training).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -332,13 +336,33 @@ class Config(_Section):
         return self.resolve(self.pipeline.workdir)
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """'did you mean X? ' for an unknown key: the closest allowed keys of its own table."""
+    import difflib
+    import typing
+
+    model: Any = Config
+    for part in loc[:-1]:  # walk down to the table holding the unknown key
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return "check the spelling; "
+        model = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    allowed, name = list(getattr(model, "model_fields", {})), str(loc[-1])
+    close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.6) or [
+        k for k in allowed if min(len(k), len(name)) >= 3 and (name.startswith(k) or k.startswith(name))]
+    if close:
+        return f"did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}? "
+    return f"allowed here: {', '.join(allowed)}; " if allowed else "check the spelling; "
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
     msg = err["msg"].removeprefix("Value error, ")
     if loc and msg.startswith(loc + "."):
         return msg  # a cross-field check that already names its key
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see the config reference in README.md)"
+        return f"{loc}: unknown key ({_did_you_mean(err['loc'])}see the config reference in README.md)"
     if "input" in err and not isinstance(err["input"], dict):
         return f"{loc} = {err['input']!r}: {msg}"
     return f"{loc}: {msg}" if loc else msg

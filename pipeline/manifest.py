@@ -187,6 +187,21 @@ def verify_artifact(art: Artifact, workdir: Path) -> str | None:
     return None
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux exposes it (no race with
+    other threads creating files); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, check: Callable[[Path], None] | None = None,
                        crash_point: str | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix.
@@ -199,6 +214,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, check: Callable[[Path], None]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode `open()` would (0666 less the umask), so a
+        # web server, a container build or a colleague can read the artifacts and the report.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

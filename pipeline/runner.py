@@ -63,6 +63,7 @@ class RunOptions:
     force: set[str] = field(default_factory=set)
     target: str | None = None  # a deployment target some stage ships to: run only the stages it needs
     rebuild_manifest: bool = False  # set a corrupt manifest aside and start a fresh one
+    config_file: Path | None = None  # recorded in the manifest, so a message can name the config of a run dir
 
 
 @dataclass
@@ -140,9 +141,10 @@ def select(stages: list[Stage], opts: RunOptions) -> list[str]:
     return [n for n in names[lo : hi + 1] if n in keep]
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, create: bool = True) -> None:
     """Every check of the user's input that can be made before anything runs: the data (through
     the task), then each enabled stage's own declared preflight, the device and the workdir.
+    `create=False` (`validate`) checks the workdir could be made without making it.
 
     Raises :class:`ConfigError` (exit code 2) so that a typo never touches the manifest.
     """
@@ -151,7 +153,7 @@ def preflight(cfg: Config) -> None:
         if stage.preflight is not None and stage.enabled(cfg):
             stage.preflight(cfg)
     resolve_device(cfg.pipeline.device)
-    _check_writable(cfg.workdir, cfg.pipeline.workdir)
+    (_check_writable if create else _check_could_write)(cfg.workdir, cfg.pipeline.workdir)
 
 
 def _check_writable(workdir: Path, as_written: str) -> None:
@@ -162,6 +164,21 @@ def _check_writable(workdir: Path, as_written: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _check_could_write(workdir: Path, as_written: str) -> None:
+    """`_check_writable` without touching the disk: the workdir, or the nearest folder above it
+    that exists, must be a folder this process may write into."""
+    existing = Path(os.path.abspath(workdir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"no permission to write in {existing}"
+    else:
+        return
+    raise ConfigError(f"pipeline.workdir = {as_written!r} is not writable ({why})")
 
 
 def _save(manifest: Manifest) -> None:
@@ -211,6 +228,7 @@ class Runner:
     def _run(self) -> RunOutcome:
         cfg = self.cfg
         manifest = self._load_manifest()
+        self._check_left_out_inputs(manifest)
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
         task = get_task(cfg.pipeline.task)
@@ -224,6 +242,9 @@ class Runner:
             "versions": versions,
             "updated": _now(),
         }
+        if self.opts.config_file is not None:  # relative to the workdir: still right when the tree moves
+            manifest.model.pipeline["config_file"] = os.path.relpath(Path(self.opts.config_file).resolve(),
+                                                                     cfg.workdir.resolve())
         outcome = RunOutcome(code=EXIT_OK, manifest=manifest, visited=[])
         data_holder: dict[str, object] = {}
         rerun_rest = False  # once a stage re-ran, everything after it re-runs
@@ -254,10 +275,10 @@ class Runner:
             if why is None:
                 log.info("stage %s: cached (key %s…), outputs verified", stage.name, key[:12])
                 cached.append(stage.name)
-                record = old
+                record, resume_files = old, []
             else:
                 log.info("stage %s: running (%s)", stage.name, why)
-                record, code = self._execute(stage, key, inputs, device, versions, data_holder)
+                record, code, resume_files = self._execute(stage, key, inputs, device, versions, data_holder)
                 rerun_rest = True
                 manifest.stages[stage.name] = record
                 if code != EXIT_OK:
@@ -268,6 +289,7 @@ class Runner:
             self._apply_gates(stage.name, record, manifest)
             manifest.stages[stage.name] = record
             _save(manifest)
+            self._drop_resume_files(stage.name, resume_files)
             faults.point("stage-recorded")
 
         manifest.model.ship = ship_mod.choose(manifest.model, task.metric)
@@ -283,6 +305,33 @@ class Runner:
         return outcome
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _check_left_out_inputs(self, manifest: Manifest) -> None:
+        """`--from`/`--only` leave stages out: each input they would have made must already be
+        recorded in the manifest. Checked before anything runs or is written, so a missing one is
+        bad input (exit 2), not a failed stage in the manifest. (Whether a recorded file is still
+        intact is checked when the stage runs.)"""
+        made_by = {art: s.name for s in self.stages for art in s.outputs}
+        available = set(manifest.artifact_index())
+        for stage in self.stages:
+            if stage.name not in self.selected or not stage.enabled(self.cfg):
+                continue
+            for spec in stage.inputs:
+                names = spec.rstrip("?").split("|")
+                if spec.endswith("?") or available.intersection(names):
+                    continue
+                producer = next((made_by[n] for n in names if n in made_by), "?")
+                if self.opts.only:
+                    flag, fix = "--only " + " --only ".join(self.selected), f"add --only {producer}"
+                elif self.opts.from_stage:
+                    flag, fix = f"--from {self.opts.from_stage}", f"use --from {producer}"
+                else:
+                    flag, fix = f"--target {self.opts.target}", "run the whole chain once"
+                raise ConfigError(
+                    f"{flag}: stage {stage.name} needs {names[0]!r} from stage {producer}, which this run leaves "
+                    f"out and {self.cfg.workdir} has not finished; {fix}, or run without {flag.split()[0]} first"
+                )
+            available.update(stage.outputs)
 
     def _inputs(self, stage: Stage, manifest: Manifest) -> tuple[dict[str, Artifact], str | None]:
         """Resolve and re-hash the stage's input artifacts from the manifest."""
@@ -338,7 +387,9 @@ class Runner:
                                                                    self.cfg.resolve("."))
         return ctx._data
 
-    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int]:
+    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int, list[Path]]:
+        """Run one stage and measure what it produced: (its record, exit code, the resume files it
+        used, to delete once the record is saved when the stage succeeded)."""
         import torch
 
         from pipeline.evaluate import measure
@@ -381,24 +432,24 @@ class Runner:
             outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
         except StageUnavailable as exc:
             return StageRecord(status="unavailable", reason=str(exc), ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_OK
+                               seconds=time.perf_counter() - t0, **base), EXIT_OK, []
         except UserError as exc:
             return StageRecord(status="failed", reason=str(exc), ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT, []
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.debug("stage %s failed", stage.name, exc_info=True)
                 return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
-                                   seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+                                   seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED, []
             # Writes are atomic, so nothing half-written was left; earlier artifacts are intact.
             reason = (f"disk full while writing {exc.filename or 'an artifact'} ({exc.strerror}); free space under "
                       f"{self.cfg.workdir} and run the same command again: finished stages are kept")
             return StageRecord(status="failed", reason=reason, ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT
+                               seconds=time.perf_counter() - t0, **base), EXIT_BAD_INPUT, []
         except Exception as exc:  # a stage failure is recorded, never lost in a traceback
             log.debug("stage %s failed", stage.name, exc_info=True)
             return StageRecord(status="failed", reason=f"{type(exc).__name__}: {exc}", ended=_now(),
-                               seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED
+                               seconds=time.perf_counter() - t0, **base), EXIT_STAGE_FAILED, []
         record = StageRecord(
             status="ok", outputs=outputs, metrics=metrics, history=result.history,
             reference=sorted(n for n in result.measure if stage.artifacts[n].reference),
@@ -407,7 +458,25 @@ class Runner:
         )
         for w in result.warnings:
             log.warning("stage %s: %s", stage.name, w)
-        return record, EXIT_OK
+        return record, EXIT_OK, ctx.resume_files
+
+    def _drop_resume_files(self, name: str, files: list[Path]) -> None:
+        """Delete a finished stage's resume checkpoints. Called only after the manifest holding
+        its record was written (atomically, fsynced): a kill before that leaves them to resume
+        from; a kill after it finds the stage cached and never needs them."""
+        if self.cfg.pipeline.keep_checkpoints or not dist.is_main():
+            return
+        freed = 0
+        for path in files:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            freed += size
+        if freed:
+            log.info("stage %s: deleted its resume checkpoints (%.1f MB; [pipeline] keep_checkpoints = true keeps them)",
+                     name, freed / 1e6)
 
     def _record_failure(self, manifest: Manifest, stage: Stage, reason: str, device, versions) -> None:
         manifest.stages[stage.name] = StageRecord(

@@ -105,6 +105,9 @@ class StageContext:
     device: "torch.device"
     key: str
     _data: "DataBundle | None" = None
+    # Resume files handed out by `resume_file`: the runner deletes them once the stage's record
+    # is in the manifest (unless `[pipeline] keep_checkpoints`).
+    resume_files: list[Path] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
@@ -112,6 +115,14 @@ class StageContext:
         d = self.workdir / self.name
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def resume_file(self, name: str) -> Path:
+        """`<workdir>/<stage>/<name>` for state that lets an interrupted stage resume (per-epoch
+        checkpoints): needed until the stage finishes, then deleted by the runner once the
+        stage is recorded as finished, so they never outlive it on disk."""
+        path = self.out_dir / name
+        self.resume_files.append(path)
+        return path
 
     @property
     def task(self) -> "Task":

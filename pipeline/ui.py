@@ -13,6 +13,10 @@ console = Console(stderr=True)
 if not console.is_terminal:
     # Logs and CI output: rich would squeeze tables into 80 columns; give them room.
     console.width = max(console.width, 150)
+# stdout: what a command produces (`status`), so it can be piped, grepped and redirected.
+out = Console()
+if not out.is_terminal:
+    out.width = max(out.width, 150)
 
 
 class _QuietRootLibraries(logging.Filter):

@@ -65,7 +65,7 @@ def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[d
     with distillation(ctx, student, method) as (loss_fn, head):
         train, val = loaders(ctx)
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
-                      checkpoint=ctx.out_dir / f"{name}.checkpoint.pt", key=f"{ctx.key}:{name}",
+                      checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,
                       loss_fn=loss_fn, extra=head)
     save_torch(state_dict_cpu(student), ctx.out_dir / f"{name}.pt")

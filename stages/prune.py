@@ -189,7 +189,7 @@ def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
     with distillation(ctx, model, dcfg.method) as (loss_fn, head):
         train, val = loaders(ctx)
         history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
-                      checkpoint=ctx.out_dir / "heal.checkpoint.pt", key=f"{ctx.key}:heal",
+                      checkpoint=ctx.resume_file("heal.checkpoint.pt"), key=f"{ctx.key}:heal",
                       desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,
                       task=ctx.task, num_classes=ctx.data.num_classes, loss_fn=loss_fn, extra=head)
     return history.epochs
@@ -207,7 +207,7 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
     """Prune a copy of the student, or reload the pruned-but-unhealed model saved by an
     interrupted run of this same stage (same key), so healing resumes on identical channels."""
     cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
-    saved = ctx.out_dir / "pruned_unhealed.pt"
+    saved = ctx.resume_file("pruned_unhealed.pt")
     if saved.is_file():
         obj = torch.load(saved, map_location="cpu", weights_only=True)
         if is_pruned_payload(obj) and obj.get("key") == ctx.key:

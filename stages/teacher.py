@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
         val_loader=val,
         optim=cfg,
         device=ctx.device,
-        checkpoint=ctx.out_dir / "checkpoint.pt",
+        checkpoint=ctx.resume_file("checkpoint.pt"),
         key=ctx.key,
         desc=f"teacher {cfg.arch}",
         task=ctx.task,

@@ -39,7 +39,7 @@ def _png_tree(root, split_classes):
 
 BAD_INPUTS = {
     "malformed_toml": ("[teacher\narch = 1\n", "malformed TOML"),
-    "unknown_key": ("[teacher]\narchitecture = 'resnet18'\n", "teacher.architecture: unknown key"),
+    "unknown_key": ("[teacher]\narchitecture = 'resnet18'\n", "teacher.architecture: unknown key (did you mean arch?"),
     "wrong_type": ("[teacher]\nepochs = 'many'\n", "teacher.epochs = 'many'"),
     "out_of_range": ("[distill.mgd]\nmask_ratio = 1.2\n", "distill.mgd.mask_ratio = 1.2"),
     "unknown_model": ("[teacher]\narch = 'resnet19'\n", "resnet18"),
@@ -110,6 +110,89 @@ def test_validate_command(tiny_config, capsys):
     assert cli.main(["validate", str(tiny_config(extra="[prune]\nratio = 0\n"))]) == 2
 
 
+def test_validate_writes_nothing(tmp_path, tiny_config, capsys):
+    path = tiny_config(extra="[pipeline]\nworkdir = 'deep/new/run'\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert cli.main(["validate", str(path)]) == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "deep").write_text("a file where a folder should be")
+    capsys.readouterr()
+    assert cli.main(["validate", str(path)]) == 2
+    assert "pipeline.workdir = 'deep/new/run' is not writable" in capsys.readouterr().err
+
+
+def _planted_run(workdir):
+    """A finished run's manifest: teacher ok, distill failed a gate, a ship choice."""
+    from pipeline.manifest import GateResult
+
+    m = Manifest(workdir)
+    m.model.pipeline = {"name": "planted", "chain": ["teacher", "distill"], "task": {"name": "classification"}}
+    m.stages["teacher"] = StageRecord(status="ok", key="k" * 64, metrics={"teacher": {"accuracy": 0.9}})
+    m.stages["distill"] = StageRecord(
+        status="gate_failed", key="d" * 64, metrics={"student": {"accuracy": 0.5}},
+        gates=[GateResult(gate="max_accuracy_drop", artifact="student", metric="accuracy", value=0.4, budget=0.01,
+                          passed=False, message="max_accuracy_drop FAILED on student")])
+    m.model.ship = {"torch": {"artifact": None, "reason": "student fails max_accuracy_drop"}}
+    m.save()
+
+
+def test_status_prints_to_stdout_and_json(tmp_path, capsys):
+    _planted_run(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "teacher" in out and "gate_failed" in out and "ship torch: none" in out  # pipeable: `status | grep ship`
+    assert err == ""
+    assert cli.main(["status", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["stages"]) == ["teacher", "distill"]
+    assert summary["stages"]["teacher"]["metrics"]["teacher"]["accuracy"] == 0.9
+    assert summary["stages"]["distill"]["gate_failures"][0]["value"] == 0.4
+    assert summary["ship"]["torch"]["reason"] == "student fails max_accuracy_drop" and summary["name"] == "planted"
+
+
+def test_version_and_the_console_scripts_own_name(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    versions = __import__("pipeline.runner", fromlist=["package_versions"]).package_versions()
+    assert out.startswith(f"edge-mgd-pipeline {versions['edge-mgd-pipeline']} (torch {versions['torch']}, ")
+    assert len(out.splitlines()) == 1
+    monkeypatch.setattr("sys.argv", ["/venv/bin/mgd-pipeline", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: mgd-pipeline ")
+    monkeypatch.setattr("sys.argv", ["/src/pipeline/__main__.py", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m pipeline ")
+
+
+def test_run_given_a_run_directory_names_the_config_to_pass(tmp_path, capsys):
+    (tmp_path / "runs" / "digits").mkdir(parents=True)
+    m = Manifest(tmp_path / "runs" / "digits")
+    m.model.pipeline = {"config_file": "../../pipeline.toml"}  # as the runner records it
+    m.save()
+    capsys.readouterr()
+    assert cli.main(["run", str(tmp_path / "runs" / "digits")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is a run directory, not a config file; pass the config that made it: python -m pipeline run " \
+           f"{tmp_path / 'pipeline.toml'} (" in err.replace("\n", "")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_from_on_an_empty_workdir_is_one_line_exit_2(tmp_path, tiny_config, capsys):
+    path = tiny_config()
+    capsys.readouterr()
+    assert cli.main(["run", str(path), "--from", "distill"]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert "stage distill needs 'teacher' from stage teacher" in errors[0]
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
 TEACHER_ONLY = "[onnx]\nenabled = false\n[openvino]\nenabled = false\n[tensorrt]\nenabled = false\n"
 
 
@@ -133,6 +216,14 @@ def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
     sd = torch.load(tmp_path / "run" / "teacher" / "teacher.pt", weights_only=True)
     assert "fc.weight" in sd and sd["fc.weight"].shape[0] == 10
     assert "teacher" in first.stderr and "accuracy" in first.stderr  # the summary table
+    # Resume checkpoints are gone once their stage is recorded; what is written, others can read.
+    assert not list((tmp_path / "run").rglob("*checkpoint.pt")), sorted((tmp_path / "run").rglob("*.pt"))
+    umask = __import__("pipeline.manifest", fromlist=["current_umask"]).current_umask()
+    for f in (tmp_path / "run" / "teacher" / "teacher.pt", tmp_path / "run" / "manifest.json",
+              tmp_path / "run" / "report.html"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    status = cli("status", str(tmp_path / "run"), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["stages"]["teacher"]["status"] == "ok"
 
     # Second run: everything cached, nothing re-trained.
     t0 = time.perf_counter()

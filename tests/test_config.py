@@ -54,6 +54,22 @@ def test_bad_values_name_key_and_value(raw, expected):
     assert "\n" not in msg and "Traceback" not in msg
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"distill": {"mgd": {"alpah": 1e-5}}}, "distill.mgd.alpah: unknown key (did you mean alpha?"),
+        ({"teacher": {"architecture": "resnet18"}}, "teacher.architecture: unknown key (did you mean arch?"),
+        ({"pipline": {"seed": 1}}, "pipline: unknown key (did you mean pipeline?"),
+        ({"data": {"scenes": {"clutterr": 1}}}, "data.scenes.clutterr: unknown key (did you mean clutter?"),
+        ({"bench": {"zzz": 1}}, "bench.zzz: unknown key (allowed here: warmup, runs, batch_runs, threads;"),
+    ],
+)
+def test_unknown_key_suggests_the_closest_keys_of_its_table(raw, expected):
+    with pytest.raises(ConfigError) as exc:
+        config.from_dict(raw)
+    assert expected in str(exc.value)
+
+
 def test_malformed_toml_gives_line_and_column(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('[pipeline]\nname = "x"\nseed = = 3\n')

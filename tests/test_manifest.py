@@ -97,3 +97,20 @@ def test_openvino_ir_is_hashed_with_its_weights(tmp_path, change):
     else:
         weights.unlink()
     assert mf.verify_artifact(rec, tmp_path) is not None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_usual_mode(tmp_path, umask):
+    """Artifacts, the manifest and the report are readable as `open()` would make them
+    (0666 less the umask), not mkstemp's 0600; a new folder gets 0777 less the umask."""
+    old = os.umask(umask)
+    try:
+        mf.atomic_write_bytes(tmp_path / "stage" / "model.pt", b"weights")
+        m = Manifest(tmp_path)
+        m.save()
+        assert mf.current_umask() == umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "stage" / "model.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert m.path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "stage").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -47,6 +47,7 @@ def fake_stages(monkeypatch):
     def make(name, order, inputs, outputs, enabled=None):
         def run(ctx):
             calls[name] += 1
+            ctx.resume_file(f"{name}.checkpoint.pt").write_bytes(b"resume state")  # as training writes each epoch
             what = behaviour.get(name, "ok")
             if what == "boom":
                 raise RuntimeError("kaput")
@@ -155,10 +156,48 @@ def test_unknown_stage_option_is_bad_input(tmp_path, fake_stages):
         _run(_cfg(tmp_path), from_stage="prune", until_stage="teacher")
 
 
-def test_from_without_earlier_artifacts_fails_clearly(tmp_path, fake_stages):
-    out = _run(_cfg(tmp_path), from_stage="distill")
+def test_from_without_earlier_artifacts_is_bad_input_before_anything_runs(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    with pytest.raises(ConfigError, match=r"--from distill: stage distill needs 'teacher' from stage teacher, "
+                                          r"which this run leaves out and .* has not finished"):
+        _run(_cfg(tmp_path), from_stage="distill")
+    assert calls == {"teacher": 0, "distill": 0, "prune": 0}
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    with pytest.raises(ConfigError, match="--only prune: stage prune needs 'student' from stage distill"):
+        _run(_cfg(tmp_path), only={"prune"})
+    # Once the earlier stages are recorded, the same options run.
+    _run(_cfg(tmp_path), until_stage="teacher")
+    assert _run(_cfg(tmp_path), from_stage="distill").code == 0
+    assert calls == {"teacher": 1, "distill": 1, "prune": 1}
+
+
+def test_resume_files_go_once_the_stage_is_recorded(tmp_path, fake_stages, monkeypatch):
+    calls, behaviour = fake_stages
+    seen = []  # at every manifest write: (distill's recorded status, its checkpoint still on disk)
+    real_save = runner._save
+
+    def save(manifest):
+        real_save(manifest)
+        rec = manifest.stages.get("distill")
+        seen.append((rec.status if rec else None, (tmp_path / "run" / "distill" / "distill.checkpoint.pt").exists()))
+
+    monkeypatch.setattr(runner, "_save", save)
+    behaviour["prune"] = "boom"
+    out = _run(_cfg(tmp_path))
     assert out.code == runner.EXIT_STAGE_FAILED
-    assert "input 'teacher' is not available" in out.manifest.stages["distill"].reason
+    # The checkpoint was still there when the write recording distill as ok finished; gone after.
+    assert ("ok", True) in seen and seen[-1] == ("ok", False)
+    assert not (tmp_path / "run" / "teacher" / "teacher.checkpoint.pt").exists()
+    assert (tmp_path / "run" / "prune" / "prune.checkpoint.pt").exists()  # a failed stage keeps it, to resume
+    behaviour["prune"] = "ok"
+    assert _run(_cfg(tmp_path)).code == 0
+    assert not list((tmp_path / "run").rglob("*.checkpoint.pt"))
+    assert calls == {"teacher": 1, "distill": 1, "prune": 2}
+
+
+def test_keep_checkpoints_keeps_them(tmp_path, fake_stages):
+    assert _run(_cfg(tmp_path, pipeline={"keep_checkpoints": True})).code == 0
+    assert len(list((tmp_path / "run").rglob("*.checkpoint.pt"))) == 3
 
 
 def test_disabled_stage_is_recorded_skipped(tmp_path, fake_stages):
