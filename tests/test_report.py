@@ -424,6 +424,28 @@ def segmentation_dict() -> dict:
     return declare(data, roles, chain=["teacher", "distill", "onnx"], task=SEGMENTATION)
 
 
+DETECTION = {"name": "detection", "metric": "map", "metrics": ["map", "map_50"]}
+
+
+def detection_dict() -> dict:
+    """The segmentation run recast as detection: mAP and mAP@50 in place of mIoU and pixel accuracy."""
+    names = {"miou": "map", "pixel_accuracy": "map_50", "val_miou": "val_map"}
+    data = json.loads(json.dumps(segmentation_dict()))
+    for rec in data["stages"].values():
+        rec["metrics"] = {a: {names.get(k, k): v for k, v in m.items()} for a, m in rec["metrics"].items()}
+        rec["history"] = {a: [{names.get(k, k): v for k, v in e.items()} for e in h] for a, h in rec["history"].items()}
+    data["pipeline"]["task"] = dict(DETECTION)
+    return data
+
+
+def test_detection_report_is_driven_by_the_recorded_metric(tmp_path):
+    md = render_markdown(write_manifest(tmp_path / "run", detection_dict()))
+    assert "| mAP | Δ vs teacher | mAP@50 |" in _md_row(md, "| stage | artifact |")
+    assert "Quality (mAP) is measured on 360 validation images." in md and "pt of mAP" not in md
+    assert "| onnxruntime | onnx_int8 | onnx | 2.50 | 4.00 | 1.60× | 68.80% | 69.40% | -0.60 pt |" in md
+    assert "accuracy" not in md.split("## Environment", 1)[0]
+
+
 def test_segmentation_report_shows_miou_everywhere(tmp_path, monkeypatch):
     seen = {}
     for fn in ("accuracy_vs_latency", "stage_bars", "training_curves"):
@@ -860,7 +882,8 @@ def test_report_renders_in_headless_chromium(manifest, tmp_path):
 
     # At 1,400 px nothing scrolls sideways: every table fits, and the figures the report calls the
     # ones that matter (the same-runtime speedup, the gates) are in view.
-    for name, data in (("classification", manifest_dict()), ("segmentation", segmentation_dict())):
+    for name, data in (("classification", manifest_dict()), ("segmentation", segmentation_dict()),
+                       ("detection", detection_dict())):
         layout = _layout_at(write_manifest(tmp_path / name, data), 1400, base, tmp_path / f"{name}.html")
         assert layout["page"] <= layout["view"], (name, layout["page"])
         for t in layout["tables"]:
