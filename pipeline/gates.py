@@ -29,6 +29,21 @@ _EPS = 1e-9
 
 # Gate names that judge quality (the ship choice drops a build that fails one).
 QUALITY_GATES = frozenset({"max_metric_drop", "max_accuracy_drop", "max_int8_metric_drop", "max_int8_accuracy_drop"})
+# Gates whose value is a ratio of latencies; `latency_ms` is in milliseconds; quality gates are
+# drops of a fraction, shown in percentage points like every other quality difference.
+_RATIO_GATES = frozenset({"min_speedup_vs_teacher", "min_int8_speedup"})
+
+
+def gate_value_text(gate: str, value: float | None) -> str:
+    """A gate's value or budget in its unit: a quality drop in points (0.002778 → '0.28 pt'),
+    a speedup as a ratio ('1.52×'), a latency in ms ('4.2 ms'); '—' when not measured."""
+    if value is None:
+        return "—"
+    if gate in QUALITY_GATES:
+        return f"{value * 100:.2f} pt"
+    if gate in _RATIO_GATES:
+        return f"{value:.2f}×"
+    return f"{value:.4g} ms" if gate == "latency_ms" else f"{value:.4g}"
 
 
 def speedup(teacher: dict[str, Any] | None, metrics: dict[str, Any]) -> float | None:
@@ -111,7 +126,8 @@ def _verdict(gate: str, artifact: str, metric: str, value: float | None, budget:
     word = "passed" if passed else "FAILED"
     return GateResult(
         gate=gate, artifact=artifact, metric=metric, value=float(value), budget=budget, passed=passed,
-        message=f"{gate} {word} on {artifact}: {metric} = {value:.4g}, budget {op} {budget:.4g}",
+        message=f"{gate} {word} on {artifact}: {metric} = {gate_value_text(gate, value)}, "
+                f"budget {op} {gate_value_text(gate, budget)}",
     )
 
 

@@ -26,10 +26,14 @@ FORMAT_VERSION = 1
 
 Status = Literal["ok", "failed", "skipped", "gate_failed", "unavailable"]
 
+# The unit of a metric that is a share of the validation images (top-1 accuracy): one image is
+# 1/N of it, its resolution. mIoU, pixel accuracy and mAP pool pixels or boxes: plain "fraction".
+PER_IMAGE_FRACTION = "fraction of images"
+
 # Unit and direction of every metric name the pipeline records (names fixed: tests and users rely on them). Stored in
 # the manifest so a reader never has to guess whether bigger is better.
 METRIC_UNITS: dict[str, dict[str, str]] = {
-    "accuracy": {"unit": "fraction", "better": "higher"},
+    "accuracy": {"unit": PER_IMAGE_FRACTION, "better": "higher"},
     "miou": {"unit": "fraction", "better": "higher"},
     "pixel_accuracy": {"unit": "fraction", "better": "higher"},
     "map": {"unit": "fraction", "better": "higher"},
@@ -46,6 +50,7 @@ METRIC_UNITS: dict[str, dict[str, str]] = {
     "size_bytes": {"unit": "bytes", "better": "lower"},
     "speedup_vs_teacher": {"unit": "ratio", "better": "higher"},
     "train_seconds": {"unit": "s", "better": "lower"},
+    "val_images": {"unit": "images", "better": "none"},
 }
 
 

@@ -1,8 +1,8 @@
 """Plots for the run report: each function takes plain data and returns PNG bytes.
 
 - `accuracy_vs_latency`: the Pareto view, the task's quality metric (accuracy, mIoU, mAP, ...)
-  against latency p50 at batch 1 (log x), one labelled point per artifact, the Pareto front
-  highlighted;
+  against latency p50 at batch 1 (log x), one labelled point per artifact coloured by runtime,
+  the Pareto front of the candidates (reference builds excluded) highlighted;
 - `stage_bars`: the quality metric and latency p50 per artifact, grouped by stage;
 - `training_curves`: loss and every recorded `train_*` / `val_*` metric per epoch for every
   artifact with a history.
@@ -37,7 +37,8 @@ class Point:
     label: str
     latency_ms: float
     accuracy: float  # the task's quality metric (accuracy, mIoU, mAP, ...), 0..1
-    reference: bool = False  # measured for comparison only (baseline, the teacher's own builds)
+    reference: bool = False  # measured for comparison only (the teacher's builds, the baseline): never on the front
+    runtime: str = ""  # where it was measured (torch eager, onnxruntime, ...): one colour each, named in the legend
 
 
 def _finite(x: Any) -> bool:
@@ -82,61 +83,117 @@ def _a(word: str) -> str:
 
 
 def accuracy_vs_latency(points: Sequence[Point], metric: str = "accuracy", axis: str = "top-1 accuracy") -> bytes:
-    """The quality metric (%) against latency p50 at batch 1 (ms, log scale), every point
-    labelled; the Pareto front is drawn as a step line with filled markers, the rest hollow."""
-    pts = [p for p in points if _finite(p.latency_ms) and p.latency_ms > 0 and _finite(p.accuracy)]
-    if not pts:
-        raise PlotDataMissing(f"no artifact has both {_a(metric)} and a latency p50 yet")
-    front = pareto_front(pts)
-    on_front = {id(p) for p in front}
-    fig, (ax,) = _figure(7.5, 4.6)
-    for p in pts:
-        best = id(p) in on_front
-        ax.scatter(
-            [p.latency_ms], [p.accuracy * 100], s=70 if best else 45, zorder=3,
-            marker="s" if p.reference else "o",
-            facecolors="tab:orange" if best else "none", edgecolors="tab:orange" if best else "tab:blue",
-            linewidths=1.5,
-        )
-    if len(front) > 1:
-        # A step line: between two front points the best reachable quality is the slower one's.
-        xs = [p.latency_ms for p in front]
-        ys = [p.accuracy * 100 for p in front]
-        ax.step(xs, ys, where="post", color="tab:orange", alpha=0.6, zorder=2, label="Pareto front")
-    ax.set_xscale("log")
-    lo, hi = min(p.latency_ms for p in pts), max(p.latency_ms for p in pts)
-    ax.set_xlim(lo / 1.6, hi * 1.9)  # room for the labels right of the slowest point
-    ax.set_xlabel("latency p50 at batch 1 (ms, log scale)")
-    ax.set_ylabel(f"{axis} (%)")
-    ax.set_title(f"{metric} vs latency (filled: Pareto front; squares: reference builds)")
-    ax.grid(True, which="both", alpha=0.3)
-    if len(front) > 1:
-        ax.legend(loc="lower right", fontsize=8)
-    _place_labels(fig, ax, [(p.label, p.latency_ms, p.accuracy * 100) for p in pts])
+    """The quality metric (%) against latency p50 at batch 1 (ms, log scale): see
+    :func:`pareto_figure`."""
+    fig, _ = pareto_figure(points, metric, axis)
     return _png(fig)
 
 
-# Label positions tried in turn (offset in points, horizontal alignment): right, below, left, ...
-_LABEL_SPOTS = ((6, 4, "left"), (6, -11, "left"), (-6, 4, "right"), (-6, -11, "right"),
-                (6, 13, "left"), (6, -20, "left"), (-6, 13, "right"), (-6, -20, "right"))
+_UNKNOWN_RUNTIME = "runtime not recorded"
 
 
-def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float]]) -> None:
-    """Annotate points so that labels do not overprint each other: each label takes the first
-    spot around its point whose box is free (builds of one model often sit close together)."""
+def pareto_figure(points: Sequence[Point], metric: str = "accuracy", axis: str = "top-1 accuracy"):
+    """The Pareto view as a figure, and its point labels (matplotlib Text artists, so that a
+    check can measure where they were drawn). One colour per runtime, named in the legend;
+    candidates are filled circles, reference builds hollow squares; the Pareto front is taken
+    over the candidates only (a reference build is what they are compared with, not an option)
+    and drawn as a step line through ringed points. Every point is labelled, each label where
+    it covers no other label and no point."""
+    pts = [p for p in points if _finite(p.latency_ms) and p.latency_ms > 0 and _finite(p.accuracy)]
+    if not pts:
+        raise PlotDataMissing(f"no artifact has both {_a(metric)} and a latency p50 yet")
+    from matplotlib.lines import Line2D
+
+    front = pareto_front([p for p in pts if not p.reference])
+    on_front = {id(p) for p in front}
+    runtimes = list(dict.fromkeys(p.runtime or _UNKNOWN_RUNTIME for p in pts))
+    colour = {rt: f"C{i % 10}" for i, rt in enumerate(runtimes)}
+    fig, (ax,) = _figure(9.0, 5.0)
+    for p in pts:
+        c = colour[p.runtime or _UNKNOWN_RUNTIME]
+        x, y = [p.latency_ms], [p.accuracy * 100]
+        if p.reference:
+            ax.scatter(x, y, s=50, marker="s", facecolors="none", edgecolors=c, linewidths=1.5, zorder=3)
+        else:
+            best = id(p) in on_front
+            ax.scatter(x, y, s=80 if best else 45, marker="o", color=c, zorder=3,
+                       edgecolors="black" if best else c, linewidths=1.4 if best else 0.5)
+    if len(front) > 1:
+        # A step line: between two front points the best reachable quality is the slower one's.
+        ax.step([p.latency_ms for p in front], [p.accuracy * 100 for p in front], where="post", color="0.35",
+                linestyle="--", linewidth=1, zorder=2)
+    ax.set_xscale("log")
+    lo, hi = min(p.latency_ms for p in pts), max(p.latency_ms for p in pts)
+    ax.set_xlim(lo / 2.2, hi * 2.6)  # room for the labels left of the fastest and right of the slowest point
+    ax.margins(y=0.15)
+    ax.set_xlabel("latency p50 at batch 1 (ms, log scale)")
+    ax.set_ylabel(f"{axis} (%)")
+    ax.set_title(f"{metric} vs latency")
+    ax.grid(True, which="both", alpha=0.3)
+    handles = [Line2D([], [], marker="o", linestyle="", color=colour[rt], label=rt) for rt in runtimes]
+    handles.append(Line2D([], [], marker="o", linestyle="--", color="0.35", markerfacecolor="white",
+                          markeredgecolor="black", label="Pareto front (candidates)"))
+    if any(p.reference for p in pts):
+        handles.append(Line2D([], [], marker="s", linestyle="", markerfacecolor="none", markeredgecolor="0.35",
+                              label="reference build (not a candidate)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    labels = _place_labels(fig, ax, [(p.label, p.latency_ms, p.accuracy * 100) for p in pts])
+    return fig, labels
+
+
+# Label positions tried in turn around a point (offset direction in points, alignment), then
+# the same directions further out with a leader line: the first spot that is free wins.
+_LABEL_SPOTS = ((1, 0, "left"), (-1, 0, "right"), (0, 1, "center"), (0, -1, "center"),
+                (1, 1, "left"), (1, -1, "left"), (-1, 1, "right"), (-1, -1, "right"))
+_LABEL_STEP = 7  # points
+_MARKER_HALF = 6  # pixels: half the size of the largest marker
+# A label stays legible where it crosses the front's line or the grid.
+_LABEL_BOX = dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.8)
+
+
+def _text_box(ann, renderer):
+    """Where an annotation's text is drawn, in pixels: the text alone, not its leader line."""
+    from matplotlib.text import Text
+
+    ann.update_positions(renderer)  # an annotation places its text only when asked (or drawn)
+    return Text.get_window_extent(ann, renderer)
+
+
+def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float]]) -> list:
+    """Annotate points so that no label overprints another label or a point and every label
+    stays inside the axes: each label takes the first free spot around its point, nearest
+    first (builds of one model often sit close together). Returns the labels' Text artists."""
+    from matplotlib.transforms import Bbox
+
     renderer = fig.canvas.get_renderer()
     fig.draw_without_rendering()  # the final layout, so boxes are measured where they will be drawn
-    taken = []
+    frame = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform((x, y)) for _, x, y in labels]
+    taken = [Bbox.from_extents(mx - _MARKER_HALF, my - _MARKER_HALF, mx + _MARKER_HALF, my + _MARKER_HALF)
+             for mx, my in marks]
+    placed = []
     for text, x, y in sorted(labels, key=lambda t: (t[1], -t[2])):
-        ann = None
-        for dx, dy, ha in _LABEL_SPOTS:
-            if ann is not None:
+        first = None
+        for ring in range(1, 7):
+            for dx, dy, ha in _LABEL_SPOTS:
+                ann = ax.annotate(text, (x, y), xytext=(dx * _LABEL_STEP * ring, dy * _LABEL_STEP * ring),
+                                  textcoords="offset points", fontsize=8, ha=ha, va="center", bbox=_LABEL_BOX,
+                                  arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6) if ring > 1 else None)
+                box = _text_box(ann, renderer)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.overlaps(b) for b in taken):
+                    first = (ann, box)
+                    break
                 ann.remove()
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
-            box = ann.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in taken):
+            if first:
                 break
-        taken.append(ann.get_window_extent(renderer))
+        if first is None:  # nowhere free (a crowded plot): right of the point, as before
+            ann = ax.annotate(text, (x, y), xytext=(_LABEL_STEP, 0), textcoords="offset points", fontsize=8,
+                              ha="left", va="center", bbox=_LABEL_BOX)
+            first = (ann, _text_box(ann, renderer))
+        taken.append(first[1])
+        placed.append(first[0])
+    return placed
 
 
 def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: str = "accuracy",

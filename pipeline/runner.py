@@ -32,6 +32,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.lock import WorkdirLock
 from pipeline.manifest import (
     MANIFEST_NAME,
+    METRIC_UNITS,
     Artifact,
     Manifest,
     ManifestError,
@@ -232,6 +233,7 @@ class Runner:
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
         task = get_task(cfg.pipeline.task)
+        manifest.model.metric_units = dict(METRIC_UNITS)  # the units of the code that writes the metrics
         manifest.model.pipeline = {
             "name": cfg.pipeline.name,
             "chain": [s.name for s in self.stages],
@@ -427,7 +429,8 @@ class Runner:
                     )
                 finally:
                     torch.set_num_threads(threads)  # [bench] threads must not leak into training
-                metrics[name] = {**measured, **metrics.get(name, {})}
+                # The image count is every quality figure's resolution (360 images: 0.28 pt of accuracy).
+                metrics[name] = {**measured, **_val_images(data), **metrics.get(name, {})}
             dist.barrier()
             outputs = {n: artifact_record(p, self.cfg.workdir) for n, p in result.outputs.items()}
         except StageUnavailable as exc:
@@ -502,6 +505,14 @@ class Runner:
             record.status = "gate_failed" if failed else "ok"
         for g in record.gates:
             (log.warning if g.passed is False else log.info)("%s", g.message)
+
+
+def _val_images(data) -> dict[str, int]:
+    """`{"val_images": N}`, the validation split's size; {} for a split without a length."""
+    try:
+        return {"val_images": len(data.val)}
+    except TypeError:
+        return {}
 
 
 def _teacher_metrics(record: StageRecord, manifest: Manifest) -> tuple[str | None, dict | None]:

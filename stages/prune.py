@@ -12,7 +12,9 @@ Pruning costs accuracy, so the pruned student is fine-tuned for `heal_epochs` wi
 loss plus MGD from the teacher (Yang et al. 2022, arXiv 2205.01529): the tap layers are probed
 again on the pruned student, so the MGD align convs match its new widths. The stage records
 params, MACs, size, accuracy and torch-eager latency before pruning, after pruning and after
-healing, so the manifest shows what pruning bought in measured time, not only in MACs.
+healing, so the manifest shows what pruning bought in measured time, not only in MACs; the
+latency of the unpruned and the pruned student is measured back to back (`*_before`,
+`*_after`, `latency_speedup`).
 
 Inputs: `student`, `teacher`. Output: `pruned` — architecture, Torch-Pruning history and state
 dict as plain data (see `pipeline/run_models.py`), rebuilt without unpickling any module.
@@ -261,11 +263,15 @@ def run(ctx: StageContext) -> StageResult:
     model.to(ctx.device)
 
     # Latency before and after, measured back to back with the same harness, so the ratio is
-    # not skewed by the machine's load drifting between stages.
+    # not skewed by the machine's load drifting between stages. Both sides are recorded
+    # (`*_before`, `*_after`): the report shows these, never the before of one measurement
+    # next to the after of another (the runner measures `pruned` again, later).
     lat_before, lat_after = _torch_latency(student, ctx), _torch_latency(model, ctx)
+    timed = [k for k in lat_before if k.endswith("_ms") or k == "throughput_ips"]
     metrics = {
         **before,
-        **{f"{k}_before": v for k, v in lat_before.items() if k.endswith("_ms") or k == "throughput_ips"},
+        **{f"{k}_before": lat_before[k] for k in timed},
+        **{f"{k}_after": lat_after[k] for k in timed},
         "macs_ratio": count_macs(model, shape) / max(1, before["macs_before"]),
         "params_ratio": count_params(model) / max(1, before["params_before"]),
         "latency_speedup": lat_before["latency_p50_ms"] / lat_after["latency_p50_ms"],

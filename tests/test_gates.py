@@ -25,6 +25,16 @@ def test_max_accuracy_drop(acc, passed):
     assert g.value == pytest.approx(0.95 - acc)
 
 
+def test_messages_give_values_and_budgets_in_their_units():
+    rec = _record(student={"accuracy": 0.947222, "latency_p50_ms": 8.0, "latency_p90_ms": 9.0})
+    drop, speed = check_stage(rec, TEACHER, GatesConfig(max_accuracy_drop=0.002, min_speedup_vs_teacher=1.5))
+    # a quality drop in points like every other quality difference, never a fraction (0.002778)
+    assert drop.message == "max_accuracy_drop FAILED on student: accuracy drop vs teacher = 0.28 pt, budget <= 0.20 pt"
+    assert speed.message.endswith("= 1.25×, budget >= 1.50×")
+    [lat] = check_stage(_record(openvino_int8={"latency_p90_ms": 4.2}), TEACHER, GatesConfig(latency_ms={"openvino_int8": 5.0}))
+    assert lat.message.endswith("= 4.2 ms, budget <= 5 ms")
+
+
 @pytest.mark.parametrize("p50, passed", [(2.0, True), (5.0, True), (6.0, False)])
 def test_min_speedup(p50, passed):
     rec = _record(student={"accuracy": 0.9, "latency_p50_ms": p50})

@@ -73,6 +73,15 @@ def test_stage_records_before_and_after(pruned_run):
     assert m["size_bytes"] < 0.35 * m["size_bytes_before"]
     assert m["macs_ratio"] == pytest.approx(m["macs"] / m["macs_before"], rel=1e-6)
     assert len(rec["history"]["pruned"]) == 1  # one healing epoch recorded
+    # Both sides of the back-to-back latency measurement, so the speedup can be shown with its own figures.
+    for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "batch_latency_p50_ms", "throughput_ips"):
+        assert f"{key}_before" in m and f"{key}_after" in m, key
+    assert m["latency_speedup"] == pytest.approx(m["latency_p50_ms_before"] / m["latency_p50_ms_after"])
+    assert m["batch_latency_speedup"] == pytest.approx(m["batch_latency_p50_ms_before"] / m["batch_latency_p50_ms_after"])
+    # The runner records the validation set size with every measured artifact: the figures' resolution.
+    counts = {a: mm.get("val_images") for st in manifest["stages"].values() for a, mm in st["metrics"].items()}
+    assert len(set(counts.values())) == 1 and isinstance(counts["pruned"], int) and counts["pruned"] > 0, counts
+    assert manifest["metric_units"]["accuracy"]["unit"] == "fraction of images"
 
 
 def test_artifact_rebuilds_without_pickle(pruned_run):

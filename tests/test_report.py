@@ -11,6 +11,7 @@ hand-built manifest the way the runner records them.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -32,14 +33,30 @@ EVIL = "<script>alert(1)</script>"
 PNG = plots.PNG_SIGNATURE
 
 
+VAL_IMAGES = 360  # the validation split every figure of the hand-built manifest is measured on
+
+
 def _m(acc, p50, *, size, params, macs, batch_ms=None, **extra):
-    """Metrics of one artifact as the runner records them (batch 32, 1 thread)."""
+    """Metrics of one artifact as the runner records them (batch 32, 1 thread, 360 validation images)."""
     return {
         "accuracy": acc, "latency_p50_ms": p50, "latency_p90_ms": p50 * 1.1, "latency_p99_ms": p50 * 1.3,
         "batch_latency_p50_ms": batch_ms if batch_ms is not None else p50 * 8, "batch_size": 32, "threads": 1,
         "throughput_ips": 32 / ((batch_ms if batch_ms is not None else p50 * 8) / 1000),
-        "params": params, "macs": macs, "size_bytes": size, **extra,
+        "params": params, "macs": macs, "size_bytes": size, "val_images": VAL_IMAGES, **extra,
     }
+
+
+# What the prune stage records itself: the unpruned and the pruned student timed back to back
+# (`*_before`, `*_after`, the speedups), next to the runner's later measurement of `pruned`
+# (p50 2.2 ms in `_m`): the report must show the back-to-back figures, never mix the two. The
+# p99 got slower: a figure the report must word as "slower".
+PRUNE_B2B = {
+    "latency_p50_ms_before": 4.38, "latency_p50_ms_after": 2.0, "latency_speedup": 4.38 / 2.0,
+    "latency_p90_ms_before": 4.8, "latency_p90_ms_after": 2.4,
+    "latency_p99_ms_before": 5.0, "latency_p99_ms_after": 8.0,
+    "batch_latency_p50_ms_before": 35.0, "batch_latency_p50_ms_after": 16.0, "batch_latency_speedup": 35.0 / 16.0,
+    "throughput_ips_before": 914.3, "throughput_ips_after": 2000.0,
+}
 
 
 def _hist(n, start_loss, end_acc):
@@ -144,21 +161,24 @@ def manifest_dict(evil: bool = False) -> dict:
         "prune": _stage(
             metrics={"pruned": _m(0.948, 2.2, size=11249611, params=2797610, macs=140_000_000,
                                   accuracy_before=0.955, accuracy_before_heal=0.71, params_before=11173962,
-                                  macs_before=557_000_000, size_bytes_before=44770315, latency_p50_ms_before=4.1,
-                                  latency_p90_ms_before=4.5, ratio=0.5, importance="magnitude", heal_epochs=3,
-                                  heal_method="mgd")},
+                                  macs_before=557_000_000, size_bytes_before=44770315, **PRUNE_B2B,
+                                  ratio=0.5, importance="magnitude", heal_epochs=3, heal_method="mgd")},
+            outputs={"pruned": {"path": "prune/pruned.pt", "sha256": "3" * 64, "bytes": 11249611}},
             history={"pruned": _hist(3, 1.2, 0.948)}, seconds=33.0),
         "onnx": _stage(
             metrics={"onnx": _m(0.948, 0.9, size=11200000, params=2797610, macs=140_000_000),
                      "onnx_int8": _m(0.945, 0.5, size=2900000, params=2797610, macs=140_000_000),
                      "teacher_onnx": _m(0.9625, 2.7, size=85200000, params=21289802, macs=1_160_000_000)},
             reference=["teacher_onnx"],
+            outputs={"onnx": {"path": "onnx/onnx.onnx", "sha256": "4" * 64, "bytes": 11200000},
+                     "onnx_int8": {"path": "onnx/onnx_int8.onnx", "sha256": "5" * 64, "bytes": 2900000}},
             gates=[_gate("max_accuracy_drop", "onnx_int8", "accuracy drop vs teacher", 0.0175, 0.02, True)]),
         "openvino": _stage(
             metrics={"openvino_fp32": _m(0.948, 0.52, size=11300000, params=2797610, macs=140_000_000),
                      "openvino_int8": _m(0.944, 0.2, size=3100000, params=2797610, macs=140_000_000),
                      "teacher_openvino_fp32": _m(0.9625, 1.3, size=85300000, params=21289802, macs=1_160_000_000)},
             reference=["teacher_openvino_fp32"],
+            outputs={"openvino_int8": {"path": "openvino/openvino_int8.xml", "sha256": "6" * 64, "bytes": 3100000}},
             commands={"openvino_int8": "benchmark_app -m openvino/openvino_int8.xml -d CPU -hint latency -shape [1,3,32,32]"},
             gates=[_gate("latency_ms", "openvino_int8", "latency p90", 0.22, 5.0, True),
                    _gate("max_accuracy_drop", "openvino_int8", "accuracy drop vs teacher", 0.0185, 0.02, True)]),
@@ -268,15 +288,18 @@ def test_html_report_has_every_section_with_numbers(manifest):
     # MGD gain vs the baseline and vs KD
     assert "+1.25 pt" in text and "-0.50 pt" in text  # student, student_kd vs student_baseline
     assert "MGD gain over the student trained alone: +1.25 pt" in text
-    # pruning before/after
+    # pruning before/after (latency: the stage's back-to-back figures, 4.38 -> 2.00 ms)
     assert "accuracy right after pruning, before healing" in text and "71.00%" in text
-    assert "11.2 M" in text and "2.80 M" in text and "1.86× faster" in text  # params, latency 4.1 -> 2.2
+    assert "11.2 M" in text and "2.80 M" in text and "2.19× faster" in text
     assert "ratio = 0.5" in text and "heal_method = mgd" in text
+    # the validation set, and so the resolution of every accuracy figure: 1/360 = 0.28 pt
+    assert "Quality is measured on 360 validation images: one image is 0.28 pt of accuracy" in text
     # INT8 vs FP32 on each runtime
     assert "2.60×" in text and "-0.40 pt" in text  # openvino: 0.52 / 0.2, 94.4 vs 94.8
     assert "1.80×" in text and "-0.30 pt" in text  # onnxruntime: 0.9 / 0.5
-    # ship choice per target, and why
+    # ship choice per target, the file to deploy, and why
     assert "openvino_int8" in text and "INT8 is 2.6x faster than FP32 at p50 and within the accuracy gate" in text
+    assert "openvino/openvino_int8.xml (+ openvino_int8.bin)" in text and "prune/pruned.pt" in text
     assert "no engine was built here: TensorRT not installed" in text
     assert "ship: torch → pruned, onnxruntime → onnx_int8, openvino → openvino_int8, tensorrt → none" in text
     # reproduce commands and unavailable parts with their reason
@@ -313,7 +336,7 @@ def test_markdown_has_the_tables(manifest):
     assert "| 94.40% |" in row and "6.50× vs teacher_openvino_fp32" in row
     assert re.search(r"^\| --- \|", md, re.M)
     assert "```\ntrtexec --onnx=tensorrt/trt_qdq.onnx" in md
-    assert "| openvino | openvino_int8 | INT8 is 2.6x faster" in md
+    assert "| openvino | openvino_int8 | openvino/openvino_int8.xml (+ openvino_int8.bin) | INT8 is 2.6x faster" in md
     assert "see the plot in report.html" in md
 
 
@@ -401,6 +424,28 @@ def segmentation_dict() -> dict:
     return declare(data, roles, chain=["teacher", "distill", "onnx"], task=SEGMENTATION)
 
 
+DETECTION = {"name": "detection", "metric": "map", "metrics": ["map", "map_50"]}
+
+
+def detection_dict() -> dict:
+    """The segmentation run recast as detection: mAP and mAP@50 in place of mIoU and pixel accuracy."""
+    names = {"miou": "map", "pixel_accuracy": "map_50", "val_miou": "val_map"}
+    data = json.loads(json.dumps(segmentation_dict()))
+    for rec in data["stages"].values():
+        rec["metrics"] = {a: {names.get(k, k): v for k, v in m.items()} for a, m in rec["metrics"].items()}
+        rec["history"] = {a: [{names.get(k, k): v for k, v in e.items()} for e in h] for a, h in rec["history"].items()}
+    data["pipeline"]["task"] = dict(DETECTION)
+    return data
+
+
+def test_detection_report_is_driven_by_the_recorded_metric(tmp_path):
+    md = render_markdown(write_manifest(tmp_path / "run", detection_dict()))
+    assert "| mAP | Δ vs teacher | mAP@50 |" in _md_row(md, "| stage | artifact |")
+    assert "Quality (mAP) is measured on 360 validation images." in md and "pt of mAP" not in md
+    assert "| onnxruntime | onnx_int8 | onnx | 2.50 | 4.00 | 1.60× | 68.80% | 69.40% | -0.60 pt |" in md
+    assert "accuracy" not in md.split("## Environment", 1)[0]
+
+
 def test_segmentation_report_shows_miou_everywhere(tmp_path, monkeypatch):
     seen = {}
     for fn in ("accuracy_vs_latency", "stage_bars", "training_curves"):
@@ -419,11 +464,14 @@ def test_segmentation_report_shows_miou_everywhere(tmp_path, monkeypatch):
     assert "| mIoU | Δ vs teacher | pixel accuracy |" in header and "| accuracy |" not in header
     student = _md_row(md, "| distill | b0_distilled |")
     assert student.startswith("| distill | b0_distilled | torch eager | fp32 | 69.50% | -1.70 pt | 92.40% | 9.00 |")
-    assert "2.22× | 2.22× vs segformer_b2 |" in student  # 20 / 9: vs the teacher, whatever its name
+    assert "| 9.00 | 2.22× vs segformer_b2 | 2.22× |" in student  # 20 / 9: vs the teacher, whatever its name
     assert "4.00× vs ref_onnx" in _md_row(md, "| onnx | onnx_int8 |")  # the teacher's ONNX build: 10 / 2.5
     assert "max_metric_drop ok, max_int8_metric_drop ok" in _md_row(md, "| onnx | onnx_int8 |")
     assert "| onnx | ref_onnx (reference) | onnxruntime | fp32 |" in md
     assert "| teacher | segformer_b2 | torch eager | fp32 | 71.20% | — |" in md  # the teacher is no reference row
+
+    # the image count, but no per-image resolution: mIoU pools pixels over the set
+    assert "Quality (mIoU) is measured on 360 validation images." in md and "pt of mIoU" not in md
 
     # MGD gain in mIoU points
     assert "| student | distillation | mIoU | Δ vs baseline | Δ vs teacher |" in md
@@ -497,19 +545,149 @@ def test_runtime_and_comparisons_come_from_roles_not_names(tmp_path):
     assert rows["openvino_mystery"].runtime == "—" and rows["foo_build"].runtime == "openvino"
 
 
+def _section(md: str, title: str) -> str:
+    return md.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
 def test_int8_table_shows_the_latency_note(manifest):
     md = render_markdown(manifest)
-    int8_md = md.split("## INT8 vs FP32 per target", 1)[1].split("\n## ", 1)[0]
-    assert _md_row(int8_md, "| runtime | INT8 | FP32 |").endswith("| size INT8/FP32 | latency caveat |")
+    int8_md = _section(md, "INT8 vs FP32 per target")
+    assert _md_row(int8_md, "| runtime | INT8 | FP32 |").endswith("| size INT8/FP32 |")  # no caveat column far right
+    # the role's fp32 counterpart; its CPU latency marked, no INT8 speedup claimed from it
     row = _md_row(int8_md, "| onnxruntime | trt_qdq | onnx |")
-    assert row.endswith(f"| {TRT_NOTE} |")  # the role's fp32 counterpart, and its caveat
-    assert _md_row(int8_md, "| openvino | openvino_int8 | openvino_fp32 |").endswith("| 0.27× |  |")
-    assert f"Latency caveat, trt_qdq: {TRT_NOTE}" in md.split("## Artifacts", 1)[1].split("\n## ", 1)[0]
-    # no note anywhere: no caveat column
+    assert row.startswith("| onnxruntime | trt_qdq | onnx | 0.80† | 0.90 | —† | 94.60% | 94.80% | -0.20 pt |")
+    assert f"† Latency caveat, trt_qdq: {TRT_NOTE}" in int8_md  # right under the table
+    assert _md_row(int8_md, "| openvino | openvino_int8 | openvino_fp32 |").endswith("| 0.27× |")
+    artifacts = _section(md, "Artifacts")
+    assert f"† Latency caveat, trt_qdq: {TRT_NOTE}" in artifacts
+    assert "| 0.80† | — | —† |" in _md_row(artifacts, "| tensorrt | trt_qdq |")  # no speedup vs the teacher either
+    # no note anywhere: no mark, the INT8 speedup is shown
     data = manifest_dict()
     del data["stages"]["tensorrt"]["artifacts"]["trt_qdq"]["latency_note"]
     plain_md = render_markdown(write_manifest(manifest.workdir.parent / "plain", data))
-    assert "latency caveat" not in plain_md.lower()
+    assert "latency caveat" not in plain_md.lower() and "†" not in plain_md
+    assert "| onnxruntime | trt_qdq | onnx | 0.80 | 0.90 | 1.12× |" in plain_md
+
+
+def _prune_rows(md: str) -> dict[str, list[str]]:
+    """The pruning table's rows by metric name: [before, after, change]."""
+    out = {}
+    for line in _section(md, "Pruning before / after").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("metric", "---"):
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_pruning_speedup_is_the_manifests_back_to_back_figure(manifest, tmp_path):
+    from pipeline.report.fmt import fmt_ms, fmt_speed
+
+    m = manifest.stages["prune"].metrics["pruned"]
+    md = render_markdown(manifest)
+    rows = _prune_rows(md)
+    # one figure per claim: before, after and speedup all from the back-to-back measurement
+    p50 = rows["latency p50 ms (batch 1)"]
+    assert p50 == [fmt_ms(m["latency_p50_ms_before"]), fmt_ms(m["latency_p50_ms_after"]), fmt_speed(m["latency_speedup"])]
+    assert p50 == ["4.38", "2.00", "2.19× faster"]
+    assert rows["latency p50 ms (batch N)"][2] == fmt_speed(m["batch_latency_speedup"]) == "2.19× faster"
+    assert rows["latency p99 ms (batch 1)"] == ["5.00", "8.00", "1.60× slower"]  # slower is worded slower
+    assert rows["throughput img/s (batch N)"] == ["914", "2,000", "2.19× faster"]
+    section = _section(md, "Pruning before / after")
+    assert "pruned: 2.19× faster at batch 1 (latency p50 4.38 → 2.00 ms, measured back to back in torch eager)" in section
+    assert "2.20" not in section  # the runner's later measurement of pruned is not mixed in
+    assert not re.search(r"\b0\.\d+× faster", md)  # nowhere "0.64× faster"
+
+    # an older manifest: the speedup but no after figures; the after is before / speedup
+    data = manifest_dict()
+    pm = data["stages"]["prune"]["metrics"]["pruned"]
+    for k in [k for k in pm if k.endswith("_after")]:
+        del pm[k]
+    rows = _prune_rows(render_markdown(write_manifest(tmp_path / "older", data)))
+    assert rows["latency p50 ms (batch 1)"] == ["4.38", "2.00", "2.19× faster"]
+    assert "latency p99 ms (batch 1)" not in rows  # no back-to-back after: no row, never the mixed one
+    # no back-to-back figure at all: no speedup claimed
+    for k in [k for k in pm if k.startswith(("latency_", "batch_latency_", "throughput_"))]:
+        del pm[k]
+    md = render_markdown(write_manifest(tmp_path / "oldest", data))
+    assert not any(k.startswith("latency") for k in _prune_rows(md))
+    assert "no pruning speedup is claimed" in _section(md, "Pruning before / after")
+
+
+def test_fmt_speed_words_the_direction():
+    from pipeline.report.fmt import fmt_speed
+
+    assert fmt_speed(2.19) == "2.19× faster" and fmt_speed(0.64) == "1.56× slower"
+    assert fmt_speed(1.001) == "same speed (1.00×)" and fmt_speed(None) == "—" and fmt_speed(0) == "—"
+
+
+def test_gates_are_in_points_and_the_warning_sits_with_the_gain(manifest):
+    md = render_markdown(manifest)
+    gates = _section(md, "Gates")
+    assert "| onnx | max_accuracy_drop | onnx_int8 | accuracy drop vs teacher | 1.75 pt | 2.00 pt | passed |" in gates
+    assert "| openvino | latency_ms | openvino_int8 | latency p90 | 0.22 ms | 5 ms | passed |" in gates
+    assert "0.0175" not in md and "0.02 " not in gates.split("Quality drops")[0]
+    # the distill stage's warning (a weak teacher) is read where the gain is
+    mgd = _section(md, "Distillation gain (MGD)")
+    assert "Warning: the teacher (96.25%) beats the baseline by only 2.00 pt" in mgd
+    assert mgd.index("Warning:") < mgd.index("| student |")
+    assert "4 of 360 validation images" in mgd
+
+
+def test_markdown_is_readable_raw_and_inert_rendered(tmp_path):
+    from markdown_it import MarkdownIt
+
+    md = render_markdown(write_manifest(tmp_path / "run", manifest_dict(evil=True)))
+    assert "&lt;" not in md and "&gt;" not in md and "&amp;" not in md  # no entities in the raw file
+    html_out = MarkdownIt("commonmark").enable("table").render(md)
+    assert "<script" not in html_out.lower()  # rendered, a manifest's markup stays text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_out
+    # a real gate message with its budget: `<=` as written
+    from pipeline.config import GatesConfig
+    from pipeline.gates import check_stage
+    from pipeline.manifest import ArtifactRole, StageRecord
+
+    [g] = check_stage(StageRecord(status="ok", metrics={"s": {"accuracy": 0.9}}, artifacts={"s": ArtifactRole()}),
+                      {"accuracy": 0.95}, GatesConfig(max_accuracy_drop=0.02))
+    data = manifest_dict()
+    data["ship"] = {"torch": {"artifact": None, "reason": f"no build passes the quality gates: s: {g.message}",
+                              "candidates": []}}
+    md = render_markdown(write_manifest(tmp_path / "gate", data))
+    assert "accuracy drop vs teacher = 5.00 pt, budget <= 2.00 pt" in md and "&lt;=" not in md
+
+
+def test_pareto_front_leaves_out_references_and_labels_never_overprint(manifest):
+    import itertools
+    import io
+
+    rows = [r for r in measured_artifacts(manifest) if not r.latency_note]
+    points = [plots.Point(r.name, r.metrics["latency_p50_ms"], r.metrics["accuracy"], r.reference or r.is_teacher,
+                          r.runtime) for r in rows]
+    fig, labels = plots.pareto_figure(points)
+    fig.savefig(io.BytesIO(), format="png")  # the final layout
+    ax = fig.axes[0]
+    # the front is drawn through candidates only: teacher_openvino_fp32 (1.3 ms, 96.25%) would be on it
+    [front] = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(front.get_xdata()) == [0.2, 0.5, 0.52, 4.1]  # openvino_int8, onnx_int8, openvino_fp32, student
+    # one colour per runtime, named in the legend
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"torch eager", "onnxruntime", "openvino"} <= set(legend) and "reference build (not a candidate)" in legend
+    colours = {}
+    for coll, p in zip(ax.collections, points):
+        colours.setdefault(p.runtime, set()).add(tuple(coll.get_edgecolor()[0]) if p.reference else tuple(coll.get_facecolor()[0]))
+    assert all(len(c) == 1 for c in colours.values()) and len({next(iter(c)) for c in colours.values()}) == len(colours)
+    # every point labelled, no two labels overlap, none covers a point, all inside the axes
+    renderer = fig.canvas.get_renderer()
+    boxes = {t.get_text(): plots._text_box(t, renderer) for t in labels}
+    assert set(boxes) == {p.label for p in points}
+    for (a, ba), (b, bb) in itertools.combinations(boxes.items(), 2):
+        assert not ba.overlaps(bb), (a, b)
+    frame = ax.get_window_extent(renderer)
+    for p in points:
+        x, y = ax.transData.transform((p.latency_ms, p.accuracy * 100))
+        assert frame.x0 <= x <= frame.x1
+        for name, box in boxes.items():
+            assert not box.contains(x, y), (name, p.label)
+        assert frame.contains(boxes[p.label].x0, boxes[p.label].y0) and frame.contains(boxes[p.label].x1, boxes[p.label].y1)
 
 
 def test_stages_follow_the_recorded_chain(tmp_path):
@@ -553,7 +731,7 @@ def test_every_manifest_string_is_escaped(tmp_path):
     md = render_markdown(m)
     outside_code = re.sub(r"^(`{3,})\n.*?^\1$", "", md, flags=re.M | re.S)
     assert "```" in md and EVIL not in outside_code  # raw only inside fenced code blocks, shown verbatim
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "missing &lt;script&gt;" in md
+    assert "missing \\<script>alert(1)\\</script> & friends [/bold] \\| pipe" in md  # backslashes, no entities
 
 
 def test_no_network_resources(manifest, tmp_path):
@@ -663,6 +841,8 @@ def test_real_tiny_run_writes_the_report(tmp_path, tiny_config, cli):
     assert "teacher (ok) → distill (ok) → prune (ok) → onnx (skipped)" in text
     assert "disabled in the config ([onnx] enabled = false)" in text
     assert "accuracy right after pruning, before healing" in text
+    assert "measured back to back in torch eager" in text  # the stage's own before/after figures
+    assert re.search(r"Quality is measured on \d+ validation images: one image is \d\.\d\d pt of accuracy", text)
     assert "No baseline student in this run" in text
     assert sum(1 for t, _ in _parse(page).tags if t == "img") == 3  # Pareto, bars, training curves
     assert "| tiny | prune |" not in md and "| prune | pruned |" in md
@@ -700,8 +880,54 @@ def test_report_renders_in_headless_chromium(manifest, tmp_path):
     text = " ".join(parsed.text)
     assert "6.50× vs teacher_openvino_fp32" in text and "INT8 is 2.6x faster" in text
 
+    # At 1,400 px nothing scrolls sideways: every table fits, and the figures the report calls the
+    # ones that matter (the same-runtime speedup, the gates) are in view.
+    for name, data in (("classification", manifest_dict()), ("segmentation", segmentation_dict()),
+                       ("detection", detection_dict())):
+        layout = _layout_at(write_manifest(tmp_path / name, data), 1400, base, tmp_path / f"{name}.html")
+        assert layout["page"] <= layout["view"], (name, layout["page"])
+        for t in layout["tables"]:
+            assert t["scroll"] <= t["client"], (name, t["section"], t["heads"])
+        heads = dict(next(t["heads"] for t in layout["tables"] if t["section"] == "artifacts"))
+        assert heads["speedup vs teacher, same runtime"] <= layout["view"] and heads["gates"] <= layout["view"], heads
+
     shot = tmp_path / "report.png"
     r = subprocess.run(base + ["--hide-scrollbars", "--window-size=1400,3000", f"--screenshot={shot}", html_path.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.read_bytes().startswith(PNG), r.stderr[-2000:]
     assert shot.stat().st_size > 20_000  # a rendered page of tables and plots, not a blank one
+
+
+# A page that frames the report at a given width and writes what it measures into its own DOM,
+# for `--dump-dom` to print (the report itself runs no script: its CSP forbids them).
+_MEASURE = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0">
+<iframe id="f" src="REPORT" style="width:WIDTHpx;height:2000px;border:0"></iframe><pre id="out">pending</pre>
+<script>
+function measure() {
+  const d = document.getElementById("f").contentDocument;
+  const tables = Array.from(d.querySelectorAll("table")).map(t => ({
+    section: t.closest("section") ? t.closest("section").id : "",
+    scroll: t.parentElement.scrollWidth, client: t.parentElement.clientWidth,
+    heads: Array.from(t.querySelectorAll("th")).map(h => [h.textContent, h.getBoundingClientRect().right])}));
+  document.getElementById("out").textContent = JSON.stringify(
+    {page: d.documentElement.scrollWidth, view: d.documentElement.clientWidth, tables: tables});
+}
+const f = document.getElementById("f");
+if (f.contentDocument && f.contentDocument.readyState === "complete" && f.contentDocument.querySelector("table")) measure();
+else f.addEventListener("load", measure);
+</script></body></html>
+"""
+
+
+def _layout_at(manifest: Manifest, width: int, chromium: list[str], page: Path) -> dict:
+    """The report of `manifest` laid out by Chromium in a frame `width` px wide: the page's
+    scroll and view widths, and per table its container's scroll and client widths and where
+    each header cell ends."""
+    html_path, _ = write_report(manifest)
+    page.write_text(_MEASURE.replace("REPORT", html_path.as_uri()).replace("WIDTH", str(width)))
+    dom = subprocess.run(chromium + ["--allow-file-access-from-files", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'<pre id="out">(.*?)</pre>', dom.stdout, re.S)
+    assert found and found.group(1) != "pending", dom.stdout[-2000:]
+    return json.loads(html.unescape(found.group(1)))

@@ -89,6 +89,16 @@ def fmt_ratio(x: Any) -> str:
     return f"{x:.2f}×" if is_num(x) else "—"
 
 
+def fmt_speed(x: Any) -> str:
+    """A speed ratio (old time / new time, or new rate / old rate) worded by its direction:
+    2.19 → '2.19× faster', 0.64 → '1.56× slower' (never '0.64× faster'); '—' when missing."""
+    if not is_num(x) or x <= 0:
+        return "—"
+    if round(x, 2) == 1.0:
+        return "same speed (1.00×)"
+    return f"{x:.2f}× faster" if x > 1 else f"{1 / x:.2f}× slower"
+
+
 def fmt_size(x: Any) -> str:
     """Bytes in binary units: 44770315 → '42.7 MiB'."""
     return size_text(int(x)) if is_num(x) else "—"

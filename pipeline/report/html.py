@@ -19,7 +19,7 @@ nav a{margin-right:1em}.scroll{overflow-x:auto}
 table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f4f4f4}
 caption{text-align:left;font-weight:600;padding:.3em 0}
-td{white-space:nowrap}td.wrap{white-space:normal;min-width:16em}tr.fail{background:#fdecec}tr.warn{background:#fff8e1}tr.dim{color:#777}
+td{white-space:nowrap}td.text{white-space:normal}td.wrap{white-space:normal;min-width:16em}tr.fail{background:#fdecec}tr.warn{background:#fff8e1}tr.dim{color:#777}
 p.note{color:#666}p.warn{color:#8a6100}p.fail{color:#b00020;font-weight:600}
 pre{background:#f6f8fa;padding:.7em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 img{max-width:100%;height:auto;display:block;margin:.6em 0}
@@ -35,6 +35,12 @@ def _h(s: Any) -> str:
 
 def _cls(c: str) -> str:
     return f' class="{c}"' if c in _CLASSES and c else ""
+
+
+def _cell_class(text: str) -> str:
+    if len(text) > 40:
+        return ' class="wrap"'
+    return ' class="text"' if len(text) > 16 and " " in text else ""
 
 
 def _html_block(b: Any) -> str:
@@ -53,9 +59,9 @@ def _html_block(b: Any) -> str:
         out.append("<thead><tr>" + "".join(f"<th>{_h(c)}</th>" for c in b.headers) + "</tr></thead><tbody>")
         for i, row in enumerate(b.rows):
             cls = b.row_classes[i] if i < len(b.row_classes) else ""
-            # Numbers never break across lines; long prose (reasons, messages) may.
-            out.append(f"<tr{_cls(cls)}>" + "".join(
-                f'<td class="wrap">{_h(c)}</td>' if len(str(c)) > 40 else f"<td>{_h(c)}</td>" for c in row) + "</tr>")
+            # Numbers never break across lines; words may (so a wide table fits the page rather than
+            # scroll), and long prose (reasons, messages) gets room to read.
+            out.append(f"<tr{_cls(cls)}>" + "".join(f"<td{_cell_class(str(c))}>{_h(c)}</td>" for c in row) + "</tr>")
         out.append("</tbody></table></div>")
         return "".join(out)
     raise TypeError(f"unknown report block {type(b).__name__}")

@@ -4,7 +4,6 @@ the config go into fences no content can close."""
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Any
 
@@ -13,13 +12,26 @@ from pipeline.report.blocks import REPORT_HTML, Img, Para, Pre, Section, Tab
 from pipeline.report.sections import build_sections, headline
 
 
+# What could open raw HTML or an autolink (`<` before a letter, `/`, `!` or `?`), spell a
+# character reference (`&amp;`, `&#60;`) or close a link's text (`](`, `][`): only these are
+# escaped, so `<=`, `a & b` and `[distill]` stay as written.
+_HTML_OPENER = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?[A-Za-z0-9]+;)|\](?=[(\[])")
+
+
 def _md(s: Any) -> str:
-    """Escape text for a Markdown paragraph or table cell: HTML is shown, never interpreted,
-    and a `|` or a newline cannot break a table row. (`_` is left alone: inside names such as
+    """Escape text for a Markdown paragraph or table cell with backslashes: HTML is shown,
+    never interpreted, and a `|` or a newline cannot break a table row, while the raw file
+    stays readable (`budget <= 2.00 pt`, not `&lt;=`). (`_` is left alone: inside names such as
     `openvino_int8` it never makes emphasis, and escaping it would clutter the raw file.)"""
-    s = html.escape(str(s), quote=False)
-    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("*", "\\*")
+    s = str(s).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("*", "\\*")
+    s = _HTML_OPENER.sub(lambda m: "\\" + m.group(0), s)
     return re.sub(r"[\r\n]+", " ", s)
+
+
+def _md_para(s: Any) -> str:
+    """`_md` for a paragraph of its own: text that would start a quote, heading or list is not."""
+    s = _md(s)
+    return "\\" + s if re.match(r">|#|[-+](\s|$)", s) else s
 
 
 def _fence(text: str) -> str:
@@ -31,7 +43,7 @@ def _fence(text: str) -> str:
 
 def _md_block(b: Any) -> str:
     if isinstance(b, Para):
-        return _md(b.text)
+        return _md_para(b.text)
     if isinstance(b, Pre):
         return (f"**{_md(b.title)}**\n\n" if b.title else "") + _fence(b.text)
     if isinstance(b, Img):

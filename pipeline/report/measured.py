@@ -10,17 +10,44 @@ from pipeline import plots
 from pipeline.manifest import Manifest
 from pipeline.report.blocks import Img, Para, Section, Tab
 from pipeline.report.fmt import (
-    axis_label, diff, fmt_count, fmt_ms, fmt_pct, fmt_pt, fmt_ratio, fmt_size, is_num, metric_label, ratio,
+    axis_label, diff, fmt_count, fmt_ms, fmt_pct, fmt_pt, fmt_ratio, fmt_size, fmt_speed, is_num, metric_label, ratio,
 )
 from pipeline.report.rows import (
-    ArtifactRow, Task, delta_vs_teacher, gate_text, int8_pairs, ordered_stages, same_runtime_teacher,
-    teacher_row, training_method,
+    ArtifactRow, Task, delta_vs_teacher, gate_text, int8_pairs, ordered_stages, per_image_metric, same_runtime_teacher,
+    teacher_row, training_method, validation_images,
 )
 
 log = logging.getLogger(__name__)
 
 
-def artifact_table(rows: list[ArtifactRow], task: Task) -> Section:
+# Marks a latency that is not the target's (the row's `latency_note`, shown under the table).
+CAVEAT = "†"
+
+
+def validity(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> Para | None:
+    """How many validation images the quality figures rest on, and so their resolution."""
+    counts = validation_images(rows)
+    if not counts:
+        return None
+    n = counts[0]
+    where = " / ".join(f"{c:,}" for c in counts) + " validation images"
+    if per_image_metric(manifest, task.metric) and len(counts) == 1:
+        return Para(f"Quality is measured on {where}: one image is {fmt_pt(1 / n).lstrip('+')} of {task.label}, "
+                    "the smallest difference these figures can show.")
+    return Para(f"Quality ({task.label}) is measured on {where}.")
+
+
+def _lat(row: ArtifactRow, value, text: str | None = None) -> str:
+    """A latency figure (or `text` showing one), marked when it is not the target's."""
+    text = fmt_ms(value) if text is None else text
+    return text + CAVEAT if row.latency_note and text != "—" else text
+
+
+def _caveats(rows: list[ArtifactRow]) -> list[Para]:
+    return [Para(f"{CAVEAT} Latency caveat, {r.name}: {r.latency_note}", "warn") for r in rows if r.latency_note]
+
+
+def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> Section:
     sec = Section("artifacts", "Artifacts")
     if not rows:
         sec.blocks.append(Para("No artifact has been measured yet.", "note"))
@@ -28,7 +55,7 @@ def artifact_table(rows: list[ArtifactRow], task: Task) -> Section:
     teacher = teacher_row(rows)
     t = teacher.metrics if teacher else {}
     by_name = {r.name: r for r in rows}
-    out, classes = [], []
+    key, detail, classes = [], [], []
     for r in rows:
         m = r.metrics
         speedup = m.get("speedup_vs_teacher")
@@ -37,40 +64,53 @@ def artifact_table(rows: list[ArtifactRow], task: Task) -> Section:
         ref = same_runtime_teacher(r.name, by_name)
         same = None if ref is None else ratio(by_name[ref].metrics.get("latency_p50_ms"), m.get("latency_p50_ms"))
         batch = m.get("batch_size")
-        batch_ms = fmt_ms(m.get("batch_latency_p50_ms"))
+        batch_ms = _lat(r, m.get("batch_latency_p50_ms"))
         if batch_ms != "—" and is_num(batch):
             batch_ms += f" (N={int(batch)})"
         gates = ", ".join(gate_text(g) for g in r.gates) or ("not gated (reference)" if r.reference else "—")
-        out.append([
-            r.stage, r.name + (" (reference)" if r.reference else ""), r.runtime, r.precision,
+        if r is teacher:
+            vs_teacher = "1.00× (itself)"
+        elif r.latency_note:
+            vs_teacher = "—" + CAVEAT  # a latency that is not the target's says nothing against the teacher
+        else:
+            vs_teacher = fmt_ratio(speedup)
+        name = r.name + (" (reference)" if r.reference else "")
+        key.append([
+            r.stage, name, r.runtime, r.precision,
             fmt_pct(m.get(task.metric)), fmt_pt(delta_vs_teacher(r, teacher, task.metric)),
             *(fmt_pct(m.get(k)) for k in task.others),
-            fmt_ms(m.get("latency_p50_ms")), fmt_ms(m.get("latency_p90_ms")), fmt_ms(m.get("latency_p99_ms")),
-            batch_ms, f"{m['throughput_ips']:,.0f}" if is_num(m.get("throughput_ips")) else "—",
-            fmt_size(m.get("size_bytes")), fmt_count(m.get("params")), fmt_count(m.get("macs")),
-            fmt_ratio(speedup) if r is not teacher else "1.00× (baseline)",
+            _lat(r, m.get("latency_p50_ms")),
             f"{fmt_ratio(same)} vs {ref}" if same is not None else "—",
-            gates,
+            vs_teacher, gates,
+        ])
+        detail.append([
+            r.stage, name, _lat(r, m.get("latency_p50_ms")), _lat(r, m.get("latency_p90_ms")),
+            _lat(r, m.get("latency_p99_ms")), batch_ms,
+            _lat(r, m.get("throughput_ips"), f"{m['throughput_ips']:,.0f}" if is_num(m.get("throughput_ips")) else "—"),
+            fmt_size(m.get("size_bytes")), fmt_count(m.get("params")), fmt_count(m.get("macs")),
         ])
         classes.append("fail" if any(g.passed is False for g in r.gates) else "dim" if r.reference else "")
+    note = validity(rows, task, manifest)
+    if note is not None:
+        sec.blocks.append(note)
+    # The figures that matter in one narrow table; the latency detail and the costs below it.
     sec.blocks.append(Tab(
         ["stage", "artifact", "runtime", "precision", task.label, "Δ vs teacher", *map(metric_label, task.others),
-         "p50 ms", "p90 ms", "p99 ms", "batch p50 ms", "throughput img/s", "size", "params", "MACs",
-         "speedup vs teacher (torch eager)", "speedup vs teacher, same runtime", "gates"],
-        out, row_classes=classes,
+         "p50 ms", "speedup vs teacher, same runtime", "speedup vs teacher (torch eager)", "gates"],
+        key, row_classes=classes,
     ))
     sec.blocks.append(Para(
-        "Latency p50/p90/p99 at batch 1; batch p50 and throughput at the configured batch N. Speedup vs "
-        "teacher = teacher p50 in torch eager / artifact p50; the same-runtime speedup divides by the "
-        "teacher's own build on that runtime, the only figure that says what compression bought.", "note"))
-    for r in rows:
-        if r.latency_note:
-            sec.blocks.append(Para(f"Latency caveat, {r.name}: {r.latency_note}", "note"))
+        "Latency p50 at batch 1. The same-runtime speedup divides the p50 of the teacher's own build on that "
+        "runtime by the artifact's: the only figure that says what compression bought. The torch-eager speedup "
+        "divides the teacher's p50 in torch eager.", "note"))
+    sec.blocks += _caveats(rows)
+    sec.blocks.append(Tab(
+        ["stage", "artifact", "p50 ms", "p90 ms", "p99 ms", "batch p50 ms", "throughput img/s", "size", "params",
+         "MACs"],
+        detail, title="latency detail, size and cost", row_classes=classes,
+    ))
+    sec.blocks.append(Para("p50/p90/p99 at batch 1; batch p50 and throughput at the configured batch N.", "note"))
     return sec
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: Task) -> Section:
@@ -82,12 +122,17 @@ def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: Task) -> Sec
             histories[label if label not in histories else f"{label} ({stage})"] = epochs
     name, axis = task.label, axis_label(task.metric)
     curve_names = {k: axis_label(k) for k in task.metrics}
+    # A latency that is not the target's has no place on a latency axis; the teacher's builds
+    # and the baseline are references, drawn but never part of the front.
+    timed = [r for r in rows if not r.latency_note]
     jobs = [
         (f"{name} vs latency p50 (Pareto view)", lambda: plots.accuracy_vs_latency([
-            plots.Point(r.name, r.metrics.get("latency_p50_ms"), r.metrics.get(task.metric), r.reference) for r in rows],
+            plots.Point(r.name, r.metrics.get("latency_p50_ms"), r.metrics.get(task.metric),
+                        r.reference or r.is_teacher, "" if r.runtime == "—" else r.runtime) for r in timed],
             metric=name, axis=axis)),
         (f"{name} and latency per artifact", lambda: plots.stage_bars([
-            (r.name, r.metrics.get(task.metric), r.metrics.get("latency_p50_ms")) for r in rows], metric=name, axis=axis)),
+            (r.name, r.metrics.get(task.metric), None if r.latency_note else r.metrics.get("latency_p50_ms"))
+            for r in rows], metric=name, axis=axis)),
         ("training curves", lambda: plots.training_curves(histories, metric_names=curve_names)),
     ]
     for title, draw in jobs:
@@ -98,6 +143,10 @@ def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: Task) -> Sec
         except Exception as exc:  # a plot must never cost the user the rest of the report
             log.warning("report: plot %r failed: %s", title, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             sec.blocks.append(Para(f"{title}: omitted, drawing it failed ({type(exc).__name__}: {exc}).", "warn"))
+    untimed = [r.name for r in rows if r.latency_note]
+    if untimed:
+        sec.blocks.insert(1, Para(f"Not on the latency axes: {', '.join(untimed)} (its latency is not its target's, "
+                                  "see the caveat under Artifacts).", "note"))
     return sec
 
 
@@ -109,6 +158,9 @@ def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section
         why = f" (distill {rec.status}: {rec.reason})" if rec is not None and rec.reason else ""
         sec.blocks.append(Para(f"No distilled student was measured{why}.", "note"))
         return sec
+    # What the distill stage warned about (a teacher no better than the student trained alone)
+    # belongs here, where the gain is read, not only in the list at the bottom.
+    sec.blocks += [Para(f"Warning: {w}", "warn") for w in rec.warnings]
     cfg = rec.config.get("distill", rec.config) if isinstance(rec.config, dict) else {}
     method = str(cfg.get("method", "mgd")) if isinstance(cfg, dict) else "mgd"
     teacher = teacher_row(rows)
@@ -125,14 +177,41 @@ def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section
     gain = diff(student.metrics.get(task.metric), base_val) if student else None
     if gain is not None:
         unit = "" if task.metric == "accuracy" else f" {task.label}"
+        counts = validation_images([student, base])
+        images = ""
+        if len(counts) == 1 and per_image_metric(manifest, task.metric):
+            images = f", {abs(gain) * counts[0]:.0f} of {counts[0]:,} validation images"
         sec.blocks.append(Para(
-            f"{method.upper()} gain over the student trained alone: {fmt_pt(gain)}{unit} (same budget, seed "
+            f"{method.upper()} gain over the student trained alone: {fmt_pt(gain)}{unit}{images} (same budget, seed "
             f"{rec.seed}). One seed: seed-to-seed spread is often larger than the gain, so compare methods "
             "paired over several seeds before concluding."))
     else:
         sec.blocks.append(Para("No baseline student in this run ([distill] baseline = false): the gain cannot be "
                                "measured here.", "note"))
     return sec
+
+
+# Latency figures of the pruning table: metric key, label, and the ratio the prune stage
+# records for it (measured back to back), where it records one.
+_PRUNE_TIMES = (
+    ("latency_p50_ms", "latency p50 ms (batch 1)", "latency_speedup"),
+    ("latency_p90_ms", "latency p90 ms (batch 1)", None),
+    ("latency_p99_ms", "latency p99 ms (batch 1)", None),
+    ("batch_latency_p50_ms", "latency p50 ms (batch N)", "batch_latency_speedup"),
+)
+
+
+def _back_to_back(m: dict, key: str, recorded: str | None) -> tuple[float | None, float | None, float | None]:
+    """(before, after, speedup) of one latency, all from the prune stage's back-to-back
+    measurement: `key_before`, `key_after` and the recorded speedup. A manifest that records
+    the speedup but not the after figure (older) gets it as before / speedup. Never mixes in
+    the runner's later measurement of the pruned build."""
+    before, after = m.get(f"{key}_before"), m.get(f"{key}_after")
+    speedup = m.get(recorded) if recorded else None
+    speedup = speedup if is_num(speedup) else ratio(before, after)
+    if not is_num(after) and is_num(before) and is_num(speedup) and speedup > 0:
+        after = before / speedup
+    return (before, after, speedup) if is_num(before) and is_num(after) else (None, None, None)
 
 
 def pruning(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
@@ -144,36 +223,50 @@ def pruning(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
         why = f"prune {rec.status}" + (f": {rec.reason}" if rec.reason else "") if rec is not None else "the prune stage has not run"
         sec.blocks.append(Para(f"No pruning measured ({why}).", "note"))
         return sec
-    specs = [(k, metric_label(k), fmt_pct, "pt") for k in task.metrics] + [
-        ("params", "params", fmt_count, "ratio"), ("macs", "MACs per image", fmt_count, "ratio"),
-        ("size_bytes", "size", fmt_size, "ratio"),
-        ("latency_p50_ms", "latency p50 ms (batch 1)", fmt_ms, "speedup"),
-        ("latency_p90_ms", "latency p90 ms (batch 1)", fmt_ms, "speedup"),
-        ("latency_p99_ms", "latency p99 ms (batch 1)", fmt_ms, "speedup"),
-        ("batch_latency_p50_ms", "latency p50 ms (batch N)", fmt_ms, "speedup"),
-        ("throughput_ips", "throughput img/s", fmt_count, "ratio"),
+    specs = [(k, metric_label(k), fmt_pct) for k in task.metrics] + [
+        ("params", "params", fmt_count), ("macs", "MACs per image", fmt_count), ("size_bytes", "size", fmt_size),
     ]
     for r in pruned:
         m = r.metrics
         table = []
-        for key, label, fmt, how in specs:
+        for key, label, fmt in specs:
             before, after = m.get(f"{key}_before"), m.get(key)
             if before is None and after is None:
                 continue
-            if how == "pt":
+            if fmt is fmt_pct:
                 change = fmt_pt(diff(after, before))
-            elif how == "speedup":
-                s = ratio(before, after)
-                change = f"{fmt_ratio(s)} faster" if s is not None else "—"
             else:
                 change = f"{fmt_ratio(ratio(after, before))} of before" if ratio(after, before) is not None else "—"
             table.append([label, fmt(before), fmt(after), change])
-        before_heal = m.get(f"{task.metric}_before_heal")
         if f"{task.metric}_before_heal" in m:
-            before = m.get(f"{task.metric}_before")
+            before, before_heal = m.get(f"{task.metric}_before"), m.get(f"{task.metric}_before_heal")
             table.insert(1, [f"{task.label} right after pruning, before healing", fmt_pct(before), fmt_pct(before_heal),
                              fmt_pt(diff(before_heal, before))])
+        timed = 0
+        for key, label, recorded in _PRUNE_TIMES:
+            before, after, speedup = _back_to_back(m, key, recorded)
+            if before is not None:
+                table.append([label, fmt_ms(before), fmt_ms(after), fmt_speed(speedup)])
+                timed += 1
+        t_before, t_after = m.get("throughput_ips_before"), m.get("throughput_ips_after")
+        if is_num(t_before) and is_num(t_after):
+            table.append(["throughput img/s (batch N)", f"{t_before:,.0f}", f"{t_after:,.0f}",
+                          fmt_speed(ratio(t_after, t_before))])
+        p50 = _back_to_back(m, "latency_p50_ms", "latency_speedup")
+        if p50[0] is not None:
+            sec.blocks.append(Para(
+                f"{r.name}: {fmt_speed(p50[2])} at batch 1 (latency p50 {fmt_ms(p50[0])} → {fmt_ms(p50[1])} ms, "
+                f"measured back to back in torch eager); {task.label} "
+                f"{fmt_pt(diff(m.get(task.metric), m.get(f'{task.metric}_before')))}."))
         sec.blocks.append(Tab(["metric", "before", "after", "change"], table, title=r.name))
+        if timed:
+            sec.blocks.append(Para(
+                "Latency before and after: the unpruned and the pruned student measured back to back in torch "
+                "eager with the same harness, so the machine's load cannot skew the ratio. The Artifacts table's "
+                f"latency of {r.name} is the runner's later measurement of the same build.", "note"))
+        else:
+            sec.blocks.append(Para("This manifest records no back-to-back latency of the unpruned and the pruned "
+                                   "student: no pruning speedup is claimed.", "note"))
         settings = [f"{k} = {m[k]}" for k in ("ratio", "importance", "steps", "round_to", "heal_epochs", "heal_method") if k in m]
         if settings:
             sec.blocks.append(Para("Settings: " + ", ".join(settings) + "."))
@@ -186,17 +279,17 @@ def int8(rows: list[ArtifactRow], task: Task) -> Section:
     if not pairs:
         sec.blocks.append(Para("No INT8 build was measured next to its FP32 build on the same runtime.", "note"))
         return sec
-    caveats = any(q.latency_note for q, _ in pairs)
     table = []
     for q, f in pairs:
         a, b = q.metrics, f.metrics
-        row = [q.runtime, q.name, f.name, fmt_ms(a.get("latency_p50_ms")), fmt_ms(b.get("latency_p50_ms")),
-               fmt_ratio(ratio(b.get("latency_p50_ms"), a.get("latency_p50_ms"))),
-               fmt_pct(a.get(task.metric)), fmt_pct(b.get(task.metric)), fmt_pt(diff(a.get(task.metric), b.get(task.metric))),
-               fmt_ratio(ratio(a.get("size_bytes"), b.get("size_bytes")))]
-        table.append(row + ([q.latency_note or ""] if caveats else []))
+        # A latency that is not the target's gives no INT8 speedup; its accuracy still counts.
+        speed = "—" + CAVEAT if q.latency_note else fmt_ratio(ratio(b.get("latency_p50_ms"), a.get("latency_p50_ms")))
+        table.append([q.runtime, q.name, f.name, _lat(q, a.get("latency_p50_ms")), fmt_ms(b.get("latency_p50_ms")),
+                      speed, fmt_pct(a.get(task.metric)), fmt_pct(b.get(task.metric)),
+                      fmt_pt(diff(a.get(task.metric), b.get(task.metric))),
+                      fmt_ratio(ratio(a.get("size_bytes"), b.get("size_bytes")))])
     label = task.label
     sec.blocks.append(Tab(["runtime", "INT8", "FP32", "INT8 p50 ms", "FP32 p50 ms", "INT8 speedup (FP32 p50 / INT8 p50)",
-                           f"INT8 {label}", f"FP32 {label}", f"Δ {label}", "size INT8/FP32"]
-                          + (["latency caveat"] if caveats else []), table))
+                           f"INT8 {label}", f"FP32 {label}", f"Δ {label}", "size INT8/FP32"], table))
+    sec.blocks += _caveats([q for q, _ in pairs])
     return sec

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any
 
-from pipeline.manifest import ArtifactRole, GateResult, Manifest, StageRecord
-from pipeline.report.fmt import diff, metric_label
+from pipeline.gates import gate_value_text
+from pipeline.manifest import PER_IMAGE_FRACTION, ArtifactRole, GateResult, Manifest, StageRecord
+from pipeline.report.fmt import diff, is_num, metric_label
 
 # Manifests written before the task was recorded are classification runs.
 DEFAULT_TASK = {"name": "classification", "metric": "accuracy", "metrics": ["accuracy"]}
@@ -98,6 +100,27 @@ def ship_choices(manifest: Manifest) -> dict[str, dict[str, Any]]:
     return dict(items)
 
 
+def deploy_file(manifest: Manifest, artifact: str | None) -> str:
+    """The file to deploy for a recorded artifact, relative to the run directory (an OpenVINO
+    IR is its `.xml` and the `.bin` beside it); '—' when no such output is recorded."""
+    if not artifact:
+        return "—"
+    found = manifest.artifact_index().get(artifact)
+    if found is None:
+        return "—"
+    path = found[1].path
+    if path.lower().endswith(".xml"):
+        return f"{path} (+ {PurePosixPath(path).with_suffix('.bin').name})"
+    return path
+
+
+def per_image_metric(manifest: Manifest, metric: str) -> bool:
+    """Whether the metric is a share of the validation images (its unit, as the manifest
+    records it), so that one image is 1/N of it: top-1 accuracy yes, mIoU and mAP no."""
+    unit = manifest.model.metric_units.get(metric)
+    return isinstance(unit, dict) and unit.get("unit") == PER_IMAGE_FRACTION
+
+
 @dataclass
 class ArtifactRow:
     """One measured artifact: where it came from, its declared role, and what was measured."""
@@ -154,6 +177,12 @@ def measured_artifacts(manifest: Manifest) -> list[ArtifactRow]:
     return rows
 
 
+def validation_images(rows: list[ArtifactRow]) -> list[int]:
+    """The validation set sizes the quality figures were measured on (one, normally), as
+    the runner records them with every artifact (`val_images`); [] in older manifests."""
+    return sorted({int(r.metrics["val_images"]) for r in rows if is_num(r.metrics.get("val_images"))})
+
+
 def teacher_row(rows: list[ArtifactRow]) -> ArtifactRow | None:
     """The teacher's torch build (role model teacher, runtime torch), when it was measured."""
     return next((r for r in rows if r.is_teacher), None)
@@ -195,6 +224,12 @@ def gate_text(g: GateResult) -> str:
     """'max_accuracy_drop ok' / 'latency_ms FAIL' / '… not measured'."""
     verdict = "ok" if g.passed else "FAIL" if g.passed is False else "not measured"
     return f"{g.gate} {verdict}"
+
+
+def gate_value(g: GateResult, which: str = "value") -> str:
+    """A gate's measured value or budget in its unit: quality drops in points ('0.28 pt'),
+    speedups as ratios, latencies in ms; '—' when not measured."""
+    return gate_value_text(g.gate, g.value if which == "value" else g.budget)
 
 
 def cached_state(rec: StageRecord, run_started: str, last_run: dict | None = None, name: str = "") -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.gates import QUALITY_GATES
 from pipeline.manifest import Manifest
 from pipeline.report import measured
 from pipeline.report.blocks import Para, Pre, Section, Tab
 from pipeline.report.fmt import fmt_ms, fmt_pct
-from pipeline.report.rows import measured_artifacts, ordered_stages, ship_choices, task_of
+from pipeline.report.rows import deploy_file, gate_value, measured_artifacts, ordered_stages, ship_choices, task_of
 
 # CSS classes are chosen from this fixed map, never taken from the manifest.
 _STATUS_CLASS = {"ok": "ok", "failed": "fail", "gate_failed": "fail", "skipped": "dim", "unavailable": "warn"}
@@ -23,8 +24,9 @@ def build_sections(manifest: Manifest) -> list[Section]:
     rows = measured_artifacts(manifest)
     task = task_of(manifest)
     return [
-        _stage_chain(manifest), measured.artifact_table(rows, task), measured.plot_section(rows, manifest, task),
-        measured.mgd_gain(manifest, rows, task), measured.pruning(manifest, rows, task), measured.int8(rows, task),
+        _stage_chain(manifest), measured.artifact_table(rows, task, manifest),
+        measured.plot_section(rows, manifest, task), measured.mgd_gain(manifest, rows, task),
+        measured.pruning(manifest, rows, task), measured.int8(rows, task),
         _ship(manifest), _gates(manifest), _unavailable(manifest), _commands(manifest), _warnings(manifest),
         _environment(manifest),
     ]
@@ -76,7 +78,8 @@ def _ship(manifest: Manifest) -> Section:
     chosen, candidates = [], []
     for target, d in ship.items():
         art = d.get("artifact")
-        chosen.append([target, str(art) if art else "none", str(d.get("reason") or "")])
+        chosen.append([target, str(art) if art else "none", deploy_file(manifest, art) if art else "—",
+                       str(d.get("reason") or "")])
         for c in d.get("candidates") or ():
             if not isinstance(c, dict):
                 continue
@@ -85,7 +88,7 @@ def _ship(manifest: Manifest) -> Section:
                                fmt_pct(c.get(task.metric, c.get("accuracy"))), fmt_ms(c.get("latency_p50_ms")),
                                "yes" if passes is True else "no" if passes is False else "—",
                                "shipped" if art and c.get("artifact") == art else "", str(c.get("why") or "")])
-    sec.blocks.append(Tab(["target", "ship", "why"], chosen,
+    sec.blocks.append(Tab(["target", "ship", "file to deploy (in the run directory)", "why"], chosen,
                           row_classes=["" if r[1] != "none" else "warn" for r in chosen]))
     if candidates:
         sec.blocks.append(Tab(["target", "candidate", "runtime", "precision", task.label, "p50 ms", "passes gates",
@@ -99,8 +102,10 @@ def _gates(manifest: Manifest) -> Section:
     for stage, rec in ordered_stages(manifest):
         for g in rec.gates:
             verdict = "passed" if g.passed else "FAILED" if g.passed is False else "not measured"
-            rows.append([stage, g.gate, g.artifact, g.metric, "—" if g.value is None else f"{g.value:.4g}",
-                         f"{g.budget:.4g}", verdict, g.message])
+            # The values in their unit (quality drops in points); the message only where it says why
+            # nothing was measured (the recorded message repeats value and budget otherwise).
+            rows.append([stage, g.gate, g.artifact, g.metric, gate_value(g), gate_value(g, "budget"), verdict,
+                         g.message if g.passed is None else ""])
             classes.append("ok" if g.passed else "fail" if g.passed is False else "warn")
     if not rows:
         sec.blocks.append(Para("No gate is configured, or no gated artifact was measured.", "note"))
@@ -108,8 +113,11 @@ def _gates(manifest: Manifest) -> Section:
     failed = sum(c == "fail" for c in classes)
     sec.blocks.append(Para(f"{failed} of {len(rows)} gate checks failed." if failed else f"All {len(rows)} gate checks "
                            "passed or could not be measured.", "fail" if failed else ""))
-    sec.blocks.append(Tab(["stage", "gate", "artifact", "metric", "value", "budget", "verdict", "message"], rows,
-                          row_classes=classes))
+    sec.blocks.append(Tab(["stage", "gate", "artifact", "measured", "value", "budget", "verdict", "why not measured"],
+                          rows, row_classes=classes))
+    if any(g.gate in QUALITY_GATES for _, rec in ordered_stages(manifest) for g in rec.gates):
+        sec.blocks.append(Para("Quality drops and their budgets are in percentage points, like every quality "
+                               "difference in this report: a budget of 0.02 in the config is 2.00 pt.", "note"))
     return sec
 
 

@@ -14,7 +14,7 @@ from rich.text import Text
 from pipeline.manifest import Manifest
 from pipeline.report.fmt import fmt_fixed, size_text
 from pipeline.report.rows import (
-    cached_state, delta_vs_teacher, measured_artifacts, ordered_stages, ship_choices, task_of, teacher_row,
+    cached_state, delta_vs_teacher, gate_value, measured_artifacts, ordered_stages, ship_choices, task_of, teacher_row,
 )
 
 _STATUS_STYLE = {"ok": "green", "failed": "red", "gate_failed": "red", "skipped": "dim", "unavailable": "yellow"}
@@ -89,8 +89,8 @@ def status_view(manifest: Manifest) -> Group:
         for col in ("stage", "gate", "artifact", "value", "budget", "message"):
             t.add_column(col, overflow="fold")
         for s, g in failed:
-            t.add_row(escape(s), escape(g.gate), escape(g.artifact), "—" if g.value is None else f"{g.value:.4g}",
-                      f"{g.budget:.4g}", escape(g.message))
+            t.add_row(escape(s), escape(g.gate), escape(g.artifact), gate_value(g), gate_value(g, "budget"),
+                      escape(g.message))
         parts.append(t)
     for s, rec in ordered_stages(manifest):
         for w in rec.warnings:
