@@ -11,17 +11,26 @@ from typing import Iterable
 import numpy as np
 
 
-def calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None = None):
+def calibration_reader(batches: Iterable, input_name: str, fixed_batch: int | None = None, *,
+                       description: str = "calibration"):
     """An onnxruntime CalibrationDataReader over `(images, ...)` batches, counting the images.
 
-    A model with a fixed batch size is fed that many images per call.
+    A model with a fixed batch size is fed that many images per call. On a terminal a progress
+    bar named `description` counts the batches as the calibrator reads them.
     """
     from onnxruntime.quantization import CalibrationDataReader
+
+    from pipeline.ui import track
+
+    try:
+        total: int | None = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.images = 0
-            self._batches = iter(batches)
+            self._batches = iter(track(batches, description, total))
             self._pending: list[np.ndarray] = []
 
         def get_next(self) -> dict[str, np.ndarray] | None:

@@ -401,7 +401,8 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
             source, preprocessed = pre, True
         except Exception as exc:  # noqa: BLE001 - optional step: quantize the plain export instead
             log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", first_line(exc))
-        reader = calibration_reader(batches, INPUT_NAME, None if dynamic else 1)  # a fixed-batch export takes one image
+        reader = calibration_reader(batches, INPUT_NAME, None if dynamic else 1,  # a fixed-batch export takes one image
+                                    description="onnx_int8 calibration")
         out = Path(tmp) / "int8.onnx"
         excluded = onnx_output_layers(onnx.load(str(source))) if keep_outputs_fp32 else []
         quantize_static(

@@ -119,7 +119,8 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
         # tensor names must be those of the FP32 ONNX that `trtexec --calib` reads.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(source), str(pre), skip_optimization=True)
-        reader = calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch)
+        reader = calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch,
+                                    description=f"trt_qdq calibration ({cfg.calibration})")
         extra: dict[str, Any] = {
             "ActivationSymmetric": True,  # zero point 0: TensorRT rejects asymmetric INT8
             "WeightSymmetric": True,

@@ -158,7 +158,7 @@ class MGDConfig(_Section):
     alpha: float | None = Field(None, gt=0, description="Loss weight α; unset: the task's (7e-5 classification, 2e-5 dense).")
     mask_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction λ of the student feature masked out; unset: the task's (0.15 classification).")
     mask: Literal["channel", "pixel"] | None = Field(None, description="channel | pixel; unset: the task's (channel for classification, pixel for dense tasks).")
-    teacher_layers: list[str] | None = Field(None, min_length=1, description="Teacher layers to tap; unset: the task's (layer4 for classification).")
+    teacher_layers: list[str] | None = Field(None, min_length=1, description="Teacher layers to tap; unset: the task's (classification: the model's last feature stage, e.g. layer4 for ResNet, features for MobileNet/EfficientNet).")
     student_layers: list[str] | None = Field(None, min_length=1, description="Student layers to tap, paired in order; unset: the task's.")
 
     @model_validator(mode="after")
@@ -391,8 +391,7 @@ def _apply_task_defaults(cfg: Config) -> None:
     if cfg.data.source not in task.sources:
         raise ConfigError(f"data.source = {cfg.data.source!r} does not fit pipeline.task = {task.name!r}; "
                           f"allowed: {', '.join(task.sources)}")
-    layers = {"teacher_layers": task.default_layers(cfg.teacher.arch),
-              "student_layers": task.default_layers(cfg.distill.student)}
+    layers = _default_layers(cfg, task)
     for table, defaults in ((cfg.distill.mgd, {**task.mgd_defaults, **layers}), (cfg.distill.kd, task.kd_defaults)):
         for key, value in defaults.items():
             if getattr(table, key) is None:
@@ -411,6 +410,29 @@ def _apply_task_defaults(cfg: Config) -> None:
             if getattr(cfg.gates, alias) is not None:
                 raise ConfigError(f"gates.{alias} is the classification spelling; for task {task.name!r} use "
                                   f"gates.{name} (it compares {task.metric})")
+
+
+def _default_layers(cfg: Config, task: Any) -> dict[str, list[str]]:
+    """The task's MGD taps (each model's last feature stage) for the layer lists left out.
+
+    Finding them builds the model (abstractly): an unknown architecture or one without a
+    feature map to tap is an error here only when MGD will tap it; otherwise the list stays unset.
+    """
+    uses_mgd = cfg.distill.method in ("mgd", "mgd+kd")
+    out: dict[str, list[str]] = {}
+    for key, arch_key, arch in (("teacher_layers", "teacher.arch", cfg.teacher.arch),
+                                ("student_layers", "distill.student", cfg.distill.student)):
+        if getattr(cfg.distill.mgd, key) is not None:
+            continue
+        where = arch_key
+        try:
+            task.check_arch(arch)
+            where = f"distill.mgd.{key} (unset)"
+            out[key] = task.default_layers(arch)
+        except ConfigError as exc:
+            if uses_mgd:
+                raise ConfigError(f"{where}: {exc}") from None
+    return out
 
 
 def load(path: str | Path) -> Config:

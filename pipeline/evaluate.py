@@ -28,13 +28,9 @@ log = logging.getLogger(__name__)
 
 def _track(iterable: Iterable, description: str, total: int | None) -> Iterable:
     """A rich progress bar on an interactive terminal; the plain iterable otherwise (logs, CI)."""
-    from rich.progress import track
+    from pipeline.ui import track
 
-    from pipeline.ui import console
-
-    return track(
-        iterable, description=description, total=total, transient=True, console=console, disable=not console.is_terminal
-    )
+    return track(iterable, description, total)
 
 
 def _len_or_none(obj: object) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -56,3 +58,38 @@ def progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+def track(iterable: Iterable, description: str, total: int | None) -> Iterable:
+    """:func:`progress` over `iterable` (count, elapsed, remaining) on an interactive terminal;
+    the plain iterable otherwise (logs, CI), so nothing is slowed or cluttered."""
+    if not console.is_terminal:
+        return iterable
+    return _tracked(iterable, description, total)
+
+
+def _tracked(iterable: Iterable, description: str, total: int | None) -> Iterator:
+    with progress() as bar:
+        task = bar.add_task(description, total=total, info="")
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``2 min 30 s``, ``1 h 05 min``: a wait in words a person reads at a glance."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s" if s else f"{m} min"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def clock_after(seconds: float, now: datetime | None = None) -> str:
+    """The local wall-clock time `seconds` from now: ``13:05``, with the date when it is not today."""
+    now = now or datetime.now()
+    at = now + timedelta(seconds=seconds)
+    return at.strftime("%H:%M") if at.date() == now.date() else at.strftime("%Y-%m-%d %H:%M")

@@ -54,8 +54,9 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, prefixes: tuple[st
     return sorted(copied)
 
 
-def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train one student (`method` "none" = task loss alone) and save its state dict."""
+def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train one student (`method` "none" = task loss alone) and save its state dict; `then`
+    tells the time estimate what follows this student."""
     cfg: DistillConfig = ctx.cfg.distill
     student = _build_student(ctx)
     if cfg.init_student and method != "none":
@@ -67,7 +68,7 @@ def _train(ctx: StageContext, name: str, method: str) -> tuple[nn.Module, list[d
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
                       checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,
-                      loss_fn=loss_fn, extra=head)
+                      loss_fn=loss_fn, extra=head, then=then)
     save_torch(state_dict_cpu(student), ctx.out_dir / f"{name}.pt")
     return student, history.epochs
 
@@ -103,12 +104,15 @@ def run(ctx: StageContext) -> StageResult:
     task = ctx.task
     result = StageResult(outputs={})
     bench = ctx.cfg.bench.threads
-    student, hist = _train(ctx, "student", cfg.method)
+    with_baseline = cfg.baseline and cfg.method != "none"
+    then = (f"the baseline student follows ({cfg.epochs} epochs, task loss alone: somewhat faster)"
+            if with_baseline else "")
+    student, hist = _train(ctx, "student", cfg.method, then)
     result.outputs["student"] = ctx.out_dir / "student.pt"
     result.measure["student"] = Measure(TorchRuntime(student, ctx.device, bench, output_names=task.output_names),
                                         model=student, path=result.outputs["student"])
     result.history["student"] = hist
-    if cfg.baseline and cfg.method != "none":
+    if with_baseline:
         baseline, bhist = _train(ctx, "student_baseline", "none")
         result.outputs["student_baseline"] = ctx.out_dir / "student_baseline.pt"
         result.measure["student_baseline"] = Measure(

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.models import head_names
+from pipeline.taps import HEAD_NAMES, PROBE_SIZE, Stage, analyse
 
 
 class MGDLoss(nn.Module):
@@ -109,19 +111,15 @@ class FeatureTap:
     tracing, and the captured tensors keep their autograd graph for the student.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], *, role: str):
+    def __init__(self, model: nn.Module, layers: list[str], *, role: str,
+                 input_shape: tuple[int, int, int] | None = None):
         modules = dict(model.named_modules())
         self.features: dict[str, torch.Tensor] = {}
         self._handles = []
         for layer in layers:
             if layer not in modules or layer == "":
-                close = difflib.get_close_matches(layer, [n for n in modules if n], n=3, cutoff=0.5)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                top = ", ".join(n for n, _ in model.named_children())
-                raise ConfigError(
-                    f"distill.mgd.{role}_layers: {layer!r} is not a layer of the {role}{hint} "
-                    f"(top-level layers: {top})"
-                )
+                raise ConfigError(f"distill.mgd.{role}_layers: {layer!r} is not a layer of the {role}"
+                                  f"{_stage_hint(model, layer, input_shape)}")
             self._handles.append(modules[layer].register_forward_hook(self._hook(layer)))
         self.layers = list(layers)
 
@@ -147,12 +145,50 @@ class FeatureTap:
         self._handles.clear()
 
 
+def _analyse(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[Stage], Stage | None] | None:
+    """The model's feature stages and its last one (one dry forward), or None when it cannot be probed."""
+    try:
+        return analyse(model, input_shape)
+    except Exception:  # noqa: BLE001 - only a hint for an error message; never mask the error itself
+        return None
+
+
+def _stage_hint(model: nn.Module, layer: str, input_shape: tuple[int, int, int] | None) -> str:
+    """"; did you mean …? (feature stages: …)": feature stages only, never the classifier."""
+    shape = input_shape or (3, PROBE_SIZE, PROBE_SIZE)
+    found = _analyse(model, shape)
+    if found is None:  # fall back to module names, output heads left out
+        heads = tuple(head_names(model))
+        names = [n for n, m in model.named_modules()
+                 if n and not isinstance(m, nn.Linear) and not n.startswith(heads)
+                 and n.split(".")[0] not in HEAD_NAMES]
+        close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
+        top = ", ".join(n for n, _ in model.named_children() if n not in HEAD_NAMES and not n.startswith(heads))
+        return (f"; did you mean {', '.join(close)}?" if close else "") + f" (top-level layers: {top})"
+    stages, last = found
+    if not stages:
+        return " (it has no layer that outputs an N×C×H×W feature map to tap)"
+    close = difflib.get_close_matches(layer, [s.name for s in stages], n=3, cutoff=0.5)
+    if not close and last is not None:
+        close = [last.name]
+    default = f"; the last feature stage is {last.name}" if last is not None else ""
+    return ((f"; did you mean {', '.join(close)}?" if close else "")
+            + f" (feature stages, C×H×W at {shape[1]}×{shape[2]} px: {', '.join(s.describe() for s in stages)}{default})")
+
+
+def _same_size(model: nn.Module, input_shape: tuple[int, int, int], hw: tuple[int, ...]) -> str:
+    """The model's feature stages whose maps are ``hw`` (H, W), for a pairing hint."""
+    found = _analyse(model, input_shape)
+    names = [s.name for s in found[0] if s.shape[1:] == tuple(hw)] if found else []
+    return ", ".join(names) if names else "none"
+
+
 @torch.no_grad()
 def probe_shapes(model: nn.Module, layers: list[str], input_shape: tuple[int, int, int], *, role: str) -> list[tuple[int, ...]]:
     """Shapes (C, H, W) of the named layers' outputs, from a dry forward of one zero image."""
     was_training = model.training
     device = next(model.parameters()).device
-    tap = FeatureTap(model, layers, role=role)
+    tap = FeatureTap(model, layers, role=role, input_shape=input_shape)
     try:
         model.eval()
         model(torch.zeros(1, *input_shape, device=device))
@@ -188,10 +224,14 @@ class MGDHead(nn.Module):
                     f"teacher {t_name} gives {t_shape}"
                 )
             if s_shape[1:] != t_shape[1:]:
+                size = f"{input_shape[1]}×{input_shape[2]} px"
                 raise ConfigError(
                     f"distill.mgd: student layer {s_name} outputs {s_shape[1]}×{s_shape[2]} but teacher layer "
-                    f"{t_name} outputs {t_shape[1]}×{t_shape[2]} (C×H×W {s_shape} vs {t_shape}); "
-                    "pair layers of the same spatial size"
+                    f"{t_name} outputs {t_shape[1]}×{t_shape[2]} (C×H×W {s_shape} vs {t_shape}) at {size}; "
+                    f"pair layers of the same spatial size: student stages at {t_shape[1]}×{t_shape[2]}: "
+                    f"{_same_size(student, input_shape, t_shape[1:])}; teacher stages at {s_shape[1]}×{s_shape[2]}: "
+                    f"{_same_size(teacher, input_shape, s_shape[1:])} (set them in [distill.mgd] student_layers / "
+                    "teacher_layers), or change the stems' strides with teacher.small_input / distill.small_input"
                 )
             losses.append(
                 MGDLoss(s_shape[0], t_shape[0], alpha=alpha, mask_ratio=mask_ratio, mask=mask, names=(s_name, t_name))

@@ -24,13 +24,15 @@ from pipeline import dist, faults
 from pipeline.config import ConfigError, OptimConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import atomic_write_bytes
-from pipeline.ui import progress
+from pipeline.ui import clock_after, format_duration, progress
 
 if TYPE_CHECKING:
     from pipeline.stage import StageContext
     from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
+
+clock = time.perf_counter  # epoch timing (a module attribute, so a test can drive it)
 
 # loss_fn(model, images, targets) -> (loss, model output). The default is the task loss alone;
 # distillation passes a closure that adds its terms.
@@ -140,6 +142,7 @@ def fit(
     num_classes: int,
     loss_fn: LossFn | None = None,
     extra: nn.Module | None = None,
+    then: str = "",
 ) -> History:
     """Train `model` in place; return its per-epoch history.
 
@@ -149,6 +152,8 @@ def fit(
     the gradients of `extra` are averaged across ranks. `epochs`/`lr` override `optim`'s
     (healing uses its own). Resumes from `checkpoint` when it was written under the same `key`.
     The final weights are kept (no selection on val: that would tune on evaluation images).
+    After the first epoch it runs, it logs how long the remaining epochs should take and when
+    they should end; `then` adds what follows this model (e.g. "the baseline student follows").
     """
     epochs = optim.epochs if epochs is None else epochs
     peak_lr = optim.lr if lr is None else lr
@@ -184,7 +189,7 @@ def fit(
     with progress() as bar:
         bar_task = bar.add_task(desc, total=(epochs - start_epoch) * steps, info="", visible=dist.is_main())
         for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
+            t0 = clock()
             model.train()
             if extra is not None:
                 extra.train()
@@ -230,7 +235,7 @@ def fit(
             record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen)}
             if counted:
                 record[f"train_{task.history_metric}"] = correct / counted
-            record.update({val_key: val, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+            record.update({val_key: val, "lr": opt.param_groups[0]["lr"], "seconds": clock() - t0})
             history.epochs.append(record)
             (log.info if dist.is_main() else log.debug)(
                 "%s epoch %d/%d: loss %.4f, %sval %s %.4f (%.1fs)",
@@ -239,7 +244,20 @@ def fit(
                 record["seconds"],
             )
             _save(checkpoint, key, epoch + 1, model, extra, opt, sched, scaler, train_loader, history)
+            if epoch == start_epoch and dist.is_main():
+                _log_estimate(desc, epoch + 1, epochs, clock() - t0, then)
     return history
+
+
+def _log_estimate(desc: str, done: int, epochs: int, seconds: float, then: str) -> None:
+    """One line after a stage's first epoch: what it took, and what the rest should take."""
+    left = epochs - done
+    if left <= 0:
+        return
+    rest = seconds * left
+    log.info("%s: epoch %d/%d took %s; about %s left for this model (ETA %s)%s", desc, done, epochs,
+             f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds), format_duration(rest),
+             clock_after(rest), f"; {then}" if then else "")
 
 
 def _save(checkpoint, key, epoch, model, extra, opt, sched, scaler, loader, history) -> None:

@@ -4,6 +4,8 @@ with exactly the weights of an uninterrupted run; NaN stops with epoch and batch
 from __future__ import annotations
 
 import copy
+import re
+from datetime import datetime
 
 import pytest
 from functools import partial
@@ -14,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import OptimConfig
 from pipeline.tasks import get_task
+from pipeline.ui import clock_after, format_duration
 from stages import training
 from stages.training import TrainingError
 
@@ -159,3 +162,55 @@ def test_resume_restores_mgd_blocks_and_random_masks(tmp_path, tiny_model):
     for a, b in zip(list(ref_model.state_dict().values()) + list(ref_head.state_dict().values()),
                     list(model.state_dict().values()) + list(head.state_dict().values())):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_time_estimate_logged_after_the_first_epoch(tmp_path, tiny_model, monkeypatch, caplog):
+    # A clock that advances 2 s per training batch: 6 batches → 12 s an epoch, whatever the machine.
+    now = {"t": 1000.0}
+    monkeypatch.setattr(training, "clock", lambda: now["t"])
+
+    def slow_loss(m, images, labels):
+        now["t"] += 2.0
+        logits = m(images)
+        return F.cross_entropy(logits, labels), logits
+
+    train, val = _loaders()
+    with caplog.at_level("INFO", logger="stages.training"):
+        fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=6, warmup_epochs=0),
+            device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="teacher tiny",
+            loss_fn=slow_loss, then="the baseline student follows")
+    lines = [r.getMessage() for r in caplog.records if "left for this model" in r.getMessage()]
+    assert len(lines) == 1, lines  # once, after the first epoch
+    assert re.fullmatch(r"teacher tiny: epoch 1/6 took 12\.0 s; about 1 min left for this model "
+                        r"\(ETA (\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d)\); the baseline student follows", lines[0]), lines
+
+
+def test_estimate_after_a_resume_counts_the_epochs_left(tmp_path, tiny_model, monkeypatch, caplog):
+    train, val = _loaders()
+    fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=3, warmup_epochs=0),
+        device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
+    now = {"t": 0.0}
+    monkeypatch.setattr(training, "clock", lambda: now["t"])
+
+    def slow_loss(m, images, labels):
+        now["t"] += 50.0
+        logits = m(images)
+        return F.cross_entropy(logits, labels), logits
+
+    train, val = _loaders()
+    with caplog.at_level("INFO", logger="stages.training"):  # resumes at epoch 4 of 5: 300 s, one epoch left
+        fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=5, warmup_epochs=0),
+            device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t", loss_fn=slow_loss)
+    assert any("epoch 4/5 took 5 min; about 5 min left" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (42, "42 s"), (60, "1 min"), (150, "2 min 30 s"),
+                                           (3900, "1 h 05 min")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_clock_after_gives_the_date_when_not_today():
+    noon = datetime(2026, 3, 1, 12, 0)
+    assert clock_after(65 * 60, now=noon) == "13:05"
+    assert clock_after(13 * 3600, now=noon) == "2026-03-02 01:00"

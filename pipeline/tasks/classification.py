@@ -74,7 +74,11 @@ class Classification(Task):
                            base_dir=base_dir)
 
     def default_layers(self, arch: str) -> list[str]:
-        return ["layer4"]
+        """The last feature stage, whatever the architecture: ResNet `layer4`, MobileNet /
+        EfficientNet `features`, RegNet `trunk_output`, a timm model's last `feature_info` entry."""
+        from pipeline.taps import default_tap
+
+        return [default_tap(arch)]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
         from pipeline.models import head_names
