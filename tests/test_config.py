@@ -34,7 +34,7 @@ def test_shipped_configs_are_valid(path):
         ({"distill": {"mgd": {"mask_ratio": 1.0}}}, "distill.mgd.mask_ratio = 1.0"),
         ({"distill": {"mgd": {"bogus": 1}}}, "distill.mgd.bogus: unknown key"),
         ({"nonsense": {}}, "nonsense: unknown key"),
-        ({"data": {"source": "mnist"}}, "'digits', 'imagefolder', 'torchvision', 'scenes' or 'masks'"),
+        ({"data": {"source": "mnist"}}, "'digits', 'imagefolder', 'torchvision', 'scenes', 'masks' or 'coco'"),
         ({"data": {"source": "imagefolder"}}, "data.root"),
         ({"data": {"source": "torchvision"}}, "data.name"),
         ({"prune": {"ratio": 0}}, "prune.ratio = 0"),
