@@ -313,6 +313,7 @@ class Runner:
         recorded in the manifest. Checked before anything runs or is written, so a missing one is
         bad input (exit 2), not a failed stage in the manifest. (Whether a recorded file is still
         intact is checked when the stage runs.)"""
+        by_name = {s.name: s for s in self.stages}
         made_by = {art: s.name for s in self.stages for art in s.outputs}
         available = set(manifest.artifact_index())
         for stage in self.stages:
@@ -323,6 +324,12 @@ class Runner:
                 if spec.endswith("?") or available.intersection(names):
                     continue
                 producer = next((made_by[n] for n in names if n in made_by), "?")
+                if producer in self.selected and not by_name[producer].enabled(self.cfg):
+                    raise ConfigError(
+                        f"{stage.name} needs {names[0]!r} from stage {producer}, which is disabled ([{producer}] "
+                        f"enabled = false) and has not finished in {self.cfg.workdir}; enable {producer} or "
+                        f"disable {stage.name}"
+                    )
                 if self.opts.only:
                     flag, fix = "--only " + " --only ".join(self.selected), f"add --only {producer}"
                 elif self.opts.from_stage:

@@ -171,6 +171,16 @@ def test_from_without_earlier_artifacts_is_bad_input_before_anything_runs(tmp_pa
     assert calls == {"teacher": 1, "distill": 1, "prune": 1}
 
 
+def test_an_input_from_a_disabled_stage_is_bad_input_before_anything_runs(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    stage.register("onnx", order=40, inputs=("pruned",), reads=("data",),
+                   artifacts={"onnx": ArtifactRole(runtime="onnxruntime", precision="fp32")})(lambda ctx: None)
+    with pytest.raises(ConfigError, match=r"onnx needs 'pruned' from stage prune, which is disabled \(\[prune\] "
+                                          r"enabled = false\) and has not finished in .*; enable prune or disable onnx"):
+        _run(_cfg(tmp_path, prune={"enabled": False}))
+    assert calls == {"teacher": 0, "distill": 0, "prune": 0}
+
+
 def test_resume_files_go_once_the_stage_is_recorded(tmp_path, fake_stages, monkeypatch):
     calls, behaviour = fake_stages
     seen = []  # at every manifest write: (distill's recorded status, its checkpoint still on disk)
