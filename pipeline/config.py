@@ -362,8 +362,8 @@ def _format_error(err: dict[str, Any]) -> str:
     if loc and msg.startswith(loc + "."):
         return msg  # a cross-field check that already names its key
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key ({_did_you_mean(err['loc'])}see the config reference in README.md)"
-    if "input" in err and not isinstance(err["input"], dict):
+        return f"{loc}: unknown key ({_did_you_mean(err['loc'])}see the config reference in docs/config.md)"
+    if "input" in err and loc and not isinstance(err["input"], dict):  # no loc: a model check, input is the model
         return f"{loc} = {err['input']!r}: {msg}"
     return f"{loc}: {msg}" if loc else msg
 
@@ -398,6 +398,10 @@ def _apply_task_defaults(cfg: Config) -> None:
                 try:
                     setattr(table, key, value)
                 except ValidationError as exc:  # e.g. the default pairs badly with the user's other list
+                    if key.endswith("_layers"):
+                        # Default tap lists of different lengths (detection: 5 FPN levels, SSDlite's 6,
+                        # an unknown arch's 1) come from an unknown arch or a cross-family pair: say that.
+                        _check_archs(cfg, task)
                     raise ConfigError("; ".join(_format_error(e) for e in exc.errors())) from None
     if task.name != "detection":
         for key, table in (("teacher.fpn_channels", cfg.teacher), ("distill.fpn_channels", cfg.distill)):
@@ -433,6 +437,16 @@ def _default_layers(cfg: Config, task: Any) -> dict[str, list[str]]:
             if uses_mgd:
                 raise ConfigError(f"{where}: {exc}") from None
     return out
+
+
+def _check_archs(cfg: Config, task: Any) -> None:
+    """A ConfigError naming the key for an unknown teacher or student arch, or a pair the task refuses."""
+    for key, arch in (("teacher.arch", cfg.teacher.arch), ("distill.student", cfg.distill.student)):
+        try:
+            task.check_arch(arch)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    task.check_pair(cfg.teacher.arch, cfg.distill.student)
 
 
 def load(path: str | Path) -> Config:
