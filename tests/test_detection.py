@@ -527,6 +527,7 @@ heal_epochs = 1
 lr = 0.0005
 [onnx]
 export_teacher = false
+opset = 17
 [bench]
 warmup = 1
 runs = 3
