@@ -109,7 +109,7 @@ def test_loss_is_torchvisions_and_trains_the_head(arch):
     assert all(np.isfinite(losses)) and losses[-1] < 0.85 * losses[0], losses
 
 
-def test_kd_loss_is_zero_for_identical_outputs_and_positive_otherwise():
+def test_kd_loss_is_binary_cross_entropy_to_the_teachers_scores():
     task, cfg = _bound("retinanet_resnet18_fpn", 32)
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 50, C, generator=g), torch.randn(2, 50, C, generator=g)
@@ -527,6 +527,7 @@ heal_epochs = 1
 lr = 0.0005
 [onnx]
 export_teacher = false
+opset = 17
 [bench]
 warmup = 1
 runs = 3
@@ -571,7 +572,8 @@ def test_detection_end_to_end_on_a_coco_dataset(tmp_path):
     assert 0.99 <= stages["openvino"]["metrics"]["openvino_fp32"]["parity_box_agreement"] <= 1
     assert "map_before" in stages["prune"]["metrics"]["pruned"]
     assert "val_map" in stages["distill"]["history"]["student"][0]
-    assert stages["tensorrt"]["unavailable"]  # no engine here, recorded, and the stage is still ok
+    # Without TensorRT and CUDA the engine is recorded as unavailable and the stage is still ok.
+    assert stages["tensorrt"]["unavailable"].get("trt_engine") or "trt_engine" in stages["tensorrt"]["metrics"]
     gates = [g for r in stages.values() for g in r["gates"]]
     assert gates and {g["gate"] for g in gates} == {"max_metric_drop"} and all("map" in g["metric"] for g in gates)
     assert (tmp_path / "run" / "report.html").read_text().count("mAP") > 3
