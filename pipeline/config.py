@@ -191,6 +191,10 @@ class DistillConfig(OptimConfig):
     small_input: Literal["auto", "on", "off"] = Field("auto", description="Stride-1 stem for small inputs.")
     method: Literal["mgd", "kd", "mgd+kd", "none"] = Field("mgd", description="mgd | kd | mgd+kd | none")
     baseline: bool = Field(True, description="Also train the student without distillation, same budget and seed.")
+    train_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of the training split the students train on (baseline, distilled, and "
+                                     "healing after pruning: the same seeded subset); the teacher uses all of it."
+    )
     mgd: MGDConfig = Field(default_factory=MGDConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
 

@@ -18,7 +18,7 @@ import difflib
 import inspect
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +63,16 @@ class DataBundle:
     def num_classes(self) -> int:
         """Number of classes (length of :attr:`classes`)."""
         return len(self.classes)
+
+    def with_train_share(self, fraction: float, seed: int) -> "DataBundle":
+        """This bundle with a seeded share of its training split (stratified by label where the
+        labels are known); val and calibration unchanged. The same seed gives the same images."""
+        if fraction >= 1.0:
+            return self
+        n = len(self.train)  # type: ignore[arg-type]
+        labels = _labels_of(self.train)
+        keep = _subset_positions(labels, n, fraction, seed)
+        return replace(self, train=Subset(self.train, keep.tolist()))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

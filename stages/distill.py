@@ -64,7 +64,7 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
         log.info("%s: init_student copied %d tensors of the teacher's neck and head (%d elements)", name,
                  len(copied), sum(student.state_dict()[k].numel() for k in copied))
     with distillation(ctx, student, method) as (loss_fn, head):
-        train, val = loaders(ctx)
+        train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
                       checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,

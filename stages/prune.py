@@ -189,7 +189,7 @@ def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
     if cfg.heal_epochs == 0:
         return []
     with distillation(ctx, model, dcfg.method) as (loss_fn, head):
-        train, val = loaders(ctx)
+        train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
         history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
                       checkpoint=ctx.resume_file("heal.checkpoint.pt"), key=f"{ctx.key}:heal",
                       desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,

@@ -65,7 +65,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model):
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
         fit(model, train_loader=train, val_loader=val, optim=OPT, device=torch.device("cpu"),
-            checkpoint=tmp_path / "ckpt.pt", key="k", desc="crash", loss_fn=crashing_loss)
+            checkpoint=tmp_path / "ckpt.pt", key="k", desc="crash", loss_fn=crashing_loss, checkpoint_every=0)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 2
 
     resumed = copy.deepcopy(tiny_model)
@@ -214,3 +214,24 @@ def test_clock_after_gives_the_date_when_not_today():
     noon = datetime(2026, 3, 1, 12, 0)
     assert clock_after(65 * 60, now=noon) == "13:05"
     assert clock_after(13 * 3600, now=noon) == "2026-03-02 01:00"
+
+
+def test_checkpoints_are_throttled_by_time_on_short_epochs(tmp_path, tiny_model, monkeypatch):
+    # 12 s epochs, one save at most every 20 s: the first epoch, then whenever 20 s have passed, and the last.
+    now = {"t": 0.0}
+    monkeypatch.setattr(training, "clock", lambda: now["t"])
+    saved: list[int] = []
+    real_save = training._save
+    monkeypatch.setattr(training, "_save", lambda ckpt, key, epoch, *a: (saved.append(epoch), real_save(ckpt, key, epoch, *a)))
+
+    def slow_loss(m, images, labels):
+        now["t"] += 2.0
+        logits = m(images)
+        return F.cross_entropy(logits, labels), logits
+
+    train, val = _loaders()
+    fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=6, warmup_epochs=0),
+        device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t", loss_fn=slow_loss,
+        checkpoint_every=20.0)
+    assert saved == [1, 3, 5, 6]
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 6
