@@ -65,6 +65,9 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
                  len(copied), sum(student.state_dict()[k].numel() for k in copied))
     with distillation(ctx, student, method) as (loss_fn, head):
         train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
+        # Building the MGD blocks drew from the global RNG; reseed so that every student sees
+        # the same augmentation draws (MGD masks have a generator of their own).
+        torch.manual_seed(ctx.cfg.pipeline.seed)
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
                       checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,

@@ -47,7 +47,7 @@ def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterat
     if method in ("mgd", "mgd+kd"):
         m = cfg.mgd
         head = MGDHead(student, teacher, m.student_layers, m.teacher_layers, ctx.data.input_shape,
-                       alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
+                       alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask, seed=ctx.cfg.pipeline.seed)
         s_tap = FeatureTap(student, m.student_layers, role="student")
         t_tap = FeatureTap(teacher, m.teacher_layers, role="teacher")
         log.info("MGD pairs %s", ", ".join(

@@ -47,6 +47,7 @@ class MGDLoss(nn.Module):
         mask: Literal["channel", "pixel"] = "channel",
         *,
         names: tuple[str, str] = ("student", "teacher"),
+        seed: int = 0,
     ):
         super().__init__()
         if not 0 <= mask_ratio < 1:
@@ -68,11 +69,19 @@ class MGDLoss(nn.Module):
         )
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
+        # The masks come from a generator of their own, not torch's global one: the global stream
+        # (data augmentation) then runs the same for the MGD student as for its baseline. Its
+        # state is a buffer, so a resume checkpoint (which saves these blocks) restores it too.
+        self.register_buffer("mask_rng", torch.Generator().manual_seed(seed).get_state())
 
     def random_mask(self, n: int, c: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         """A 0/1 float mask zeroing each channel (or pixel) with probability ``mask_ratio``."""
         shape = (n, c, 1, 1) if self.mask == "channel" else (n, 1, h, w)  # N×C×1×1 | N×1×H×W
-        return (torch.rand(shape, device=device) >= self.mask_ratio).float()
+        gen = torch.Generator()
+        gen.set_state(self.mask_rng.cpu())  # drawn on the CPU: a mask is small, and this works on any device
+        drawn = torch.rand(shape, generator=gen)
+        self.mask_rng.copy_(gen.get_state())
+        return (drawn >= self.mask_ratio).float().to(device)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``alpha · Σ(G − T)² / N`` for student (N×Cs×H×W) and teacher (N×Ct×H×W) features."""
@@ -212,6 +221,7 @@ class MGDHead(nn.Module):
         alpha: float,
         mask_ratio: float,
         mask: str,
+        seed: int = 0,
     ):
         super().__init__()
         s_shapes = probe_shapes(student, student_layers, input_shape, role="student")
@@ -234,7 +244,8 @@ class MGDHead(nn.Module):
                     "teacher_layers), or change the stems' strides with teacher.small_input / distill.small_input"
                 )
             losses.append(
-                MGDLoss(s_shape[0], t_shape[0], alpha=alpha, mask_ratio=mask_ratio, mask=mask, names=(s_name, t_name))
+                MGDLoss(s_shape[0], t_shape[0], alpha=alpha, mask_ratio=mask_ratio, mask=mask, names=(s_name, t_name),
+                        seed=seed + len(losses))
             )
         self.losses = nn.ModuleList(losses)
         self.pairs = list(zip(student_layers, teacher_layers))
