@@ -18,6 +18,7 @@ of the per-seed differences, and how many seeds went up).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import tempfile
@@ -67,6 +68,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--train-images", type=int, default=None, help="scenes: training scenes")
     ap.add_argument("--small-input", choices=["auto", "on", "off"], default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    ap.add_argument("--workdir", default=None,
+                    help="keep the runs here (default: a temporary folder); a later call with the same teacher "
+                         "settings and seeds re-uses the trained teachers")
     args = ap.parse_args()
     path, methods, seeds = DEFAULTS[args.task]
     args.config = args.config or str(path)
@@ -115,7 +119,7 @@ def main() -> None:
     score: dict[str, dict[int, float]] = {label[r]: {} for r in runs}
     teacher: dict[int, float] = {}
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if args.workdir is None else contextlib.nullcontext(args.workdir) as tmp:
         for seed in args.seeds:
             for method, alpha in runs:
                 name = label[(method, alpha)]

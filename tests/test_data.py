@@ -108,6 +108,17 @@ def test_digits_train_fraction_shrinks_train_not_val():
     assert len(set(small.train.targets)) == 10  # stratified: every class kept
 
 
+def test_students_train_share_is_seeded_stratified_and_leaves_val_alone(digits):
+    a, b, other = (digits.with_train_share(0.15, seed) for seed in (0, 0, 1))
+    assert a.train.indices == b.train.indices  # the baseline and the distilled student: the same images
+    assert a.train.indices != other.train.indices
+    assert len(a.train) == pytest.approx(0.15 * len(digits.train), abs=2)
+    assert set(a.train.indices) <= set(range(len(digits.train)))
+    assert len({digits.train.targets[i] for i in a.train.indices}) == 10  # stratified: every class kept
+    assert a.val is digits.val and a.calibration is digits.calibration
+    assert digits.with_train_share(1.0, 0) is digits
+
+
 def test_loader_shuffle_reproducible(digits):
     def first_labels(seed):
         return next(iter(digits.loader("train", 32, seed=seed)))[1]

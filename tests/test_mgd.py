@@ -126,11 +126,26 @@ def test_head_sums_pairs_and_taps_keep_graph():
     with torch.no_grad():
         r34(x)
     sf, tf = st.take(), tt.take()
-    torch.manual_seed(1)
+    rng = {k: v.clone() for k, v in head.state_dict().items() if k.endswith("mask_rng")}
     total = head(sf, tf)
-    torch.manual_seed(1)
+    head.load_state_dict(rng, strict=False)  # the same masks again
     parts = head.losses[0](sf[0], tf[0]) + head.losses[1](sf[1], tf[1])
     assert total.item() == pytest.approx(parts.item())
     (total + logits.sum()).backward()
     assert r18.layer3[0].conv1.weight.grad is not None
     assert all(p.grad is None for p in r34.parameters())
+
+
+def test_masks_leave_the_global_rng_alone_and_resume_from_the_state_dict():
+    loss = MGDLoss(8, 8, mask_ratio=0.5, mask="channel", seed=3)
+    saved = {k: v.clone() for k, v in loss.state_dict().items()}
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = [loss.random_mask(4, 8, 1, 1, torch.device("cpu")) for _ in range(3)]
+    assert torch.equal(torch.get_rng_state(), before)  # augmentation draws stay the baseline's
+    assert not all(torch.equal(first[0], m) for m in first[1:])  # a stream, not one mask
+    again = MGDLoss(8, 8, mask_ratio=0.5, mask="channel", seed=99)
+    again.load_state_dict(saved)  # as a resume checkpoint restores the blocks
+    assert all(torch.equal(a, again.random_mask(4, 8, 1, 1, torch.device("cpu"))) for a in first)
+    other = MGDLoss(8, 8, mask_ratio=0.5, mask="channel", seed=4)
+    assert not all(torch.equal(a, other.random_mask(4, 8, 1, 1, torch.device("cpu"))) for a in first)
