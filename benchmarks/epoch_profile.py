@@ -32,7 +32,7 @@ from stages.cpuconv import fast_weight_grad
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model(arch: str, cfg: config.Config, size: int, small_input: str) -> torch.nn.Module:
+def _model(arch: str, size: int, small_input: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(arch, 10, image_size=size, small_input=small_input).train()
 
@@ -48,7 +48,7 @@ def profile_epoch(cfg: config.Config) -> None:
     """Profile one teacher epoch the way the teacher stage runs it (CPU, fast weight gradient)."""
     data = load_data(cfg.data, cfg.pipeline.seed, cfg.resolve("."))
     loader = data.loader("train", cfg.data.batch_size, seed=cfg.pipeline.seed)
-    model = _model(cfg.teacher.arch, cfg, cfg.data.image_size, cfg.teacher.small_input)
+    model = _model(cfg.teacher.arch, cfg.data.image_size, cfg.teacher.small_input)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     with fast_weight_grad(model), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -82,7 +82,7 @@ def step_times(cfg: config.Config, steps: int) -> None:
     variants = []
     for arch, small in ((cfg.teacher.arch, cfg.teacher.small_input), (cfg.distill.student, cfg.distill.small_input)):
         for size in sizes:
-            model = _model(arch, cfg, size, small)
+            model = _model(arch, size, small)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
             for fast in (False, True):
