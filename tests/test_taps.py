@@ -120,12 +120,12 @@ def test_resnet18_to_mobilenet_v3_small_works_out_of_the_box(tmp_path):
     raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, prune={"enabled": False})
     cfg = config.from_dict(raw, base_dir=ROOT)
     assert cfg.distill.mgd.teacher_layers == ["layer4"] and cfg.distill.mgd.student_layers == ["features"]
-    runner.preflight(cfg)  # what `validate` and `run` check first: the taps pair up at the demo's 32 px
+    runner.preflight(cfg)  # what `validate` and `run` check first: the taps pair up at the demo's input size
 
 
 def test_taps_of_different_map_sizes_say_what_to_do(tmp_path):
     # With both stems in stride-1 "small input" mode the two last stages differ: 4×4 vs 2×2 at 32 px.
-    raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, teacher={"small_input": "on"},
+    raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, data={"image_size": 32}, teacher={"small_input": "on"},
                 distill={"small_input": "on"}, prune={"enabled": False})
     cfg = config.from_dict(raw, base_dir=ROOT)
     with pytest.raises(ConfigError) as exc:
