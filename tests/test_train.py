@@ -164,16 +164,22 @@ def test_resume_restores_mgd_blocks_and_random_masks(tmp_path, tiny_model):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-def test_time_estimate_logged_after_the_first_epoch(tmp_path, tiny_model, monkeypatch, caplog):
-    # A clock that advances 2 s per training batch: 6 batches → 12 s an epoch, whatever the machine.
-    now = {"t": 1000.0}
+def _fake_clock(monkeypatch, seconds_per_batch: float, start: float = 0.0):
+    """Drive `training.clock` from the batches: a loss function that advances it per batch."""
+    now = {"t": start}
     monkeypatch.setattr(training, "clock", lambda: now["t"])
 
     def slow_loss(m, images, labels):
-        now["t"] += 2.0
+        now["t"] += seconds_per_batch
         logits = m(images)
         return F.cross_entropy(logits, labels), logits
 
+    return slow_loss
+
+
+def test_time_estimate_logged_after_the_first_epoch(tmp_path, tiny_model, monkeypatch, caplog):
+    # A clock that advances 2 s per training batch: 6 batches → 12 s an epoch, whatever the machine.
+    slow_loss = _fake_clock(monkeypatch, 2.0, start=1000.0)
     train, val = _loaders()
     with caplog.at_level("INFO", logger="stages.training"):
         fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=6, warmup_epochs=0),
@@ -189,14 +195,7 @@ def test_estimate_after_a_resume_counts_the_epochs_left(tmp_path, tiny_model, mo
     train, val = _loaders()
     fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=3, warmup_epochs=0),
         device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t")
-    now = {"t": 0.0}
-    monkeypatch.setattr(training, "clock", lambda: now["t"])
-
-    def slow_loss(m, images, labels):
-        now["t"] += 50.0
-        logits = m(images)
-        return F.cross_entropy(logits, labels), logits
-
+    slow_loss = _fake_clock(monkeypatch, 50.0)
     train, val = _loaders()
     with caplog.at_level("INFO", logger="stages.training"):  # resumes at epoch 4 of 5: 300 s, one epoch left
         fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=5, warmup_epochs=0),
@@ -218,17 +217,10 @@ def test_clock_after_gives_the_date_when_not_today():
 
 def test_checkpoints_are_throttled_by_time_on_short_epochs(tmp_path, tiny_model, monkeypatch):
     # 12 s epochs, one save at most every 20 s: the first epoch, then whenever 20 s have passed, and the last.
-    now = {"t": 0.0}
-    monkeypatch.setattr(training, "clock", lambda: now["t"])
     saved: list[int] = []
     real_save = training._save
     monkeypatch.setattr(training, "_save", lambda ckpt, key, epoch, *a: (saved.append(epoch), real_save(ckpt, key, epoch, *a)))
-
-    def slow_loss(m, images, labels):
-        now["t"] += 2.0
-        logits = m(images)
-        return F.cross_entropy(logits, labels), logits
-
+    slow_loss = _fake_clock(monkeypatch, 2.0)
     train, val = _loaders()
     fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=6, warmup_epochs=0),
         device=torch.device("cpu"), checkpoint=tmp_path / "c.pt", key="k", desc="t", loss_fn=slow_loss,
