@@ -88,7 +88,7 @@ class DataConfig(_Section):
     val_annotations: str = Field("", description="coco: COCO instances JSON of the validation split.")
     download: bool = Field(False, description="torchvision: allow downloading the dataset (needs a network).")
     image_size: int = Field(32, ge=8, le=1024, description="Square input side in pixels.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Training batch size; also the 'configured batch' for throughput.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Training batch size; also the 'configured batch' for throughput; unset: the task's recipe.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: share of images held out for evaluation.")
     train_fraction: float = Field(
@@ -125,7 +125,8 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """Training-loop settings shared by every training stage."""
+    """Training-loop settings shared by every training stage. The defaults shown are the
+    classification recipe's: a key left out takes the task's recipe (`Task.recipe`)."""
 
     epochs: int = Field(8, ge=0, le=10_000, description="Training epochs.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd | adamw")
@@ -134,6 +135,7 @@ class OptimConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine decay.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    grad_clip: float = Field(0.0, ge=0, description="Clip the gradients' global L2 norm at this value; 0: no clipping.")
     amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16).")
 
 
@@ -155,11 +157,26 @@ class TeacherConfig(OptimConfig):
 class MGDConfig(_Section):
     """MGD settings; a key left out takes the task's default (see `pipeline/tasks/`)."""
 
-    alpha: float | None = Field(None, gt=0, description="Loss weight α; unset: the task's (7e-5 classification, 2e-5 dense).")
+    alpha: float | Literal["auto"] | None = Field(
+        None, description="Loss weight α, or \"auto\": measured on the first training batch so that the MGD loss is "
+                          "auto_ratio × the task loss (the authors' advice; their α fits only their map sizes); "
+                          "unset: the task's (auto).")
+    auto_ratio: float = Field(1.0, gt=0, le=100, description="alpha = \"auto\": the MGD loss at the first batch as a multiple of the task loss.")
+    resample: Literal["student", "teacher"] = Field(
+        "student", description="Taps of different H×W: student: the student's aligned map is resampled to the "
+                               "teacher's size (the generation block must produce the teacher's detail); teacher: the "
+                               "teacher's map is pooled to the student's (cheaper, loses detail).")
     mask_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction λ of the student feature masked out; unset: the task's (0.15 classification).")
     mask: Literal["channel", "pixel"] | None = Field(None, description="channel | pixel; unset: the task's (channel for classification, pixel for dense tasks).")
     teacher_layers: list[str] | None = Field(None, min_length=1, description="Teacher layers to tap; unset: the task's (classification: the model's last feature stage, e.g. layer4 for ResNet, features for MobileNet/EfficientNet).")
     student_layers: list[str] | None = Field(None, min_length=1, description="Student layers to tap, paired in order; unset: the task's.")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be > 0 or \"auto\"")
+        return v
 
     @model_validator(mode="after")
     def _paired(self) -> "MGDConfig":
@@ -207,7 +224,7 @@ class PruneConfig(_Section):
     round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this.")
     ignore_layers: list[str] = Field([], description="Layers never pruned (the classifier head always is kept).")
     heal_epochs: int = Field(3, ge=0, le=10_000, description="MGD fine-tune epochs after pruning.")
-    lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate.")
+    lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate; unset: the task's recipe (heal_lr).")
 
 
 class OnnxConfig(_Section):
@@ -395,6 +412,7 @@ def _apply_task_defaults(cfg: Config) -> None:
     if cfg.data.source not in task.sources:
         raise ConfigError(f"data.source = {cfg.data.source!r} does not fit pipeline.task = {task.name!r}; "
                           f"allowed: {', '.join(task.sources)}")
+    _apply_recipe(cfg, task)
     layers = _default_layers(cfg, task)
     for table, defaults in ((cfg.distill.mgd, {**task.mgd_defaults, **layers}), (cfg.distill.kd, task.kd_defaults)):
         for key, value in defaults.items():
@@ -418,6 +436,19 @@ def _apply_task_defaults(cfg: Config) -> None:
             if getattr(cfg.gates, alias) is not None:
                 raise ConfigError(f"gates.{alias} is the classification spelling; for task {task.name!r} use "
                                   f"gates.{name} (it compares {task.metric})")
+
+
+def _apply_recipe(cfg: Config, task: Any) -> None:
+    """The task's training recipe for every recipe key the config left out: the optimizer keys
+    of [teacher] and [distill], [data] batch_size and [prune] lr (healing). Explicit keys win."""
+    recipe = task.recipe
+    tables = ((cfg.teacher, recipe.get("optim", {})), (cfg.distill, recipe.get("optim", {})),
+              (cfg.data, {k: recipe[k] for k in ("batch_size",) if k in recipe}),
+              (cfg.prune, {"lr": recipe["heal_lr"]} if "heal_lr" in recipe else {}))
+    for table, defaults in tables:
+        for key, value in defaults.items():
+            if key not in table.model_fields_set:
+                setattr(table, key, value)
 
 
 def _default_layers(cfg: Config, task: Any) -> dict[str, list[str]]:
@@ -488,4 +519,25 @@ def reference_rows(model: type[BaseModel] = Config, prefix: str = "") -> list[tu
             continue
         default = field.get_default(call_default_factory=True)
         rows.append((path, json.dumps(default), field.description or ""))
+    return rows
+
+
+RECIPE_COLUMNS = ("optimizer", "lr", "weight_decay", "warmup_epochs", "grad_clip", "batch_size", "prune.lr",
+                  "mgd.alpha", "mgd.mask_ratio", "mgd.mask")
+
+
+def recipe_rows() -> list[tuple[str, ...]]:
+    """(task, then each of :data:`RECIPE_COLUMNS` as shown in docs/config.md) for every task:
+    what a config that leaves those keys out trains with."""
+    from pipeline.tasks import TASKS, get_task
+
+    def shown(v: Any) -> str:
+        return f"`{v:g}`" if isinstance(v, float) else f"`{v}`"
+
+    rows = []
+    for name in TASKS:
+        task = get_task(name)
+        values = {**task.recipe.get("optim", {}), "batch_size": task.recipe.get("batch_size"),
+                  "prune.lr": task.recipe.get("heal_lr"), **{f"mgd.{k}": v for k, v in task.mgd_defaults.items()}}
+        rows.append((name, *(shown(values.get(c)) for c in RECIPE_COLUMNS)))
     return rows

@@ -80,3 +80,12 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over every rank (``t`` itself when not distributed)."""
+    if not enabled():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()

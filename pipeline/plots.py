@@ -231,16 +231,20 @@ def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: s
 # History keys name a metric after "train_" / "val_"; classification spells accuracy "acc".
 _CURVE_NAMES = {"acc": "top-1 accuracy"}
 _SPLITS = ("train", "val")
+_TERM_STYLES = ((0, (4, 2)), ":", "-.", (0, (1, 3)), (0, (6, 2, 1, 2)))  # task, mgd, kd, ...
 
 
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                     metric_names: Mapping[str, str] | None = None) -> bytes:
     """Training loss, and every `train_<metric>` / `val_<metric>` recorded (val_acc, train_acc,
     val_miou, val_map, ...), per epoch, one colour per labelled history (teacher, students,
-    pruning's healing); train dashed, val solid. `metric_names` maps a metric to its display
-    name ("miou" → "mIoU"). Epochs without a value are skipped."""
+    pruning's healing); train dashed, val solid. A history whose loss has several terms
+    (`loss_task`, `loss_mgd`, `loss_kd`) also gets each term on the loss panel, in its colour
+    with a line style per term, so the plot shows whether distillation pulls. `metric_names`
+    maps a metric to its display name ("miou" → "mIoU"). Epochs without a value are skipped."""
     names = {**_CURVE_NAMES, **(metric_names or {})}
     series: dict[str, tuple[list, dict[tuple[str, str], list]]] = {}
+    term_series: dict[str, dict[str, list]] = {}
     for label, epochs in histories.items():
         epochs = list(epochs or ())
         loss = [(e.get("epoch", i + 1), e.get("loss")) for i, e in enumerate(epochs)]
@@ -256,6 +260,15 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                 curves[(split, metric)] = pts
         if loss or curves:
             series[label] = (loss, curves)
+        terms = {}
+        for key in dict.fromkeys(k for e in epochs for k in e if isinstance(k, str) and k.startswith("loss_")
+                                 and "[" not in k):
+            pts = [(e.get("epoch", i + 1), e.get(key)) for i, e in enumerate(epochs)]
+            pts = [(x, y) for x, y in pts if _finite(x) and _finite(y)]
+            if pts:
+                terms[key[5:]] = pts
+        if len(terms) > 1:
+            term_series[label] = terms
     if not series:
         raise PlotDataMissing("no stage recorded a per-epoch training history")
     metrics = list(dict.fromkeys(m for _, curves in series.values() for _, m in curves))
@@ -265,6 +278,9 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     for color, (label, (loss, curves)) in zip(colors, series.items()):
         if loss:
             ax_loss.plot([x for x, _ in loss], [y for _, y in loss], marker="o", markersize=3, color=color, label=label)
+        for style, (term, pts) in zip(_TERM_STYLES, term_series.get(label, {}).items()):
+            ax_loss.plot([x for x, _ in pts], [y for _, y in pts], color=color, linestyle=style, linewidth=1,
+                         label=f"{label}: {term}")
         for (split, metric), pts in curves.items():
             parts = ([split] if len(splits) > 1 else []) + ([names.get(metric, metric)] if len(metrics) > 1 else [])
             ax_acc.plot([x for x, _ in pts], [y * 100 for _, y in pts], marker="o", markersize=3, color=color,

@@ -28,7 +28,7 @@ from pipeline.run_models import build_student, build_teacher, check_weights_file
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import get_task
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation
+from stages.distillation import distillation, mgd_record
 from stages.mgd import MGDHead
 from stages.training import fit, loaders, save_torch, state_dict_cpu
 
@@ -54,9 +54,10 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, prefixes: tuple[st
     return sorted(copied)
 
 
-def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[nn.Module, list[dict[str, float]]]:
+def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[nn.Module, list[dict[str, float]], dict]:
     """Train one student (`method` "none" = task loss alone) and save its state dict; `then`
-    tells the time estimate what follows this student."""
+    tells the time estimate what follows this student. Returns the student, its history and
+    what the manifest records of its MGD (taps, α)."""
     cfg: DistillConfig = ctx.cfg.distill
     student = _build_student(ctx)
     if cfg.init_student and method != "none":
@@ -72,8 +73,9 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
                       checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,
                       loss_fn=loss_fn, extra=head, then=then)
+        record = mgd_record(head)
     save_torch(state_dict_cpu(student), ctx.out_dir / f"{name}.pt")
-    return student, history.epochs
+    return student, history.epochs, record
 
 
 def preflight(cfg) -> None:
@@ -95,7 +97,7 @@ def preflight(cfg) -> None:
         with torch.random.fork_rng():  # probing must not shift the run's random stream
             MGDHead(build_student(cfg, 10, weights=""), build_teacher(cfg, 10, weights=""),
                     m.student_layers, m.teacher_layers, (3, cfg.data.image_size, cfg.data.image_size),
-                    alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
+                    alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask, resample=m.resample)
 
 
 @register("distill", order=20, inputs=("teacher",), reads=("teacher", "data"), preflight=preflight,
@@ -110,13 +112,15 @@ def run(ctx: StageContext) -> StageResult:
     with_baseline = cfg.baseline and cfg.method != "none"
     then = (f"the baseline student follows ({cfg.epochs} epochs, task loss alone: somewhat faster)"
             if with_baseline else "")
-    student, hist = _train(ctx, "student", cfg.method, then)
+    student, hist, mgd = _train(ctx, "student", cfg.method, then)
+    if mgd:
+        result.metrics["student"] = mgd
     result.outputs["student"] = ctx.out_dir / "student.pt"
     result.measure["student"] = Measure(TorchRuntime(student, ctx.device, bench, output_names=task.output_names),
                                         model=student, path=result.outputs["student"])
     result.history["student"] = hist
     if with_baseline:
-        baseline, bhist = _train(ctx, "student_baseline", "none")
+        baseline, bhist, _ = _train(ctx, "student_baseline", "none")
         result.outputs["student_baseline"] = ctx.out_dir / "student_baseline.pt"
         result.measure["student_baseline"] = Measure(
             TorchRuntime(baseline, ctx.device, bench, output_names=task.output_names), model=baseline,

@@ -30,6 +30,24 @@ log = logging.getLogger(__name__)
 METHODS = ("mgd", "kd", "mgd+kd", "none")
 
 
+def _describe_tap(tap: dict) -> str:
+    """"layer4 512×4×4 → layer4 512×8×8 (+align, resample student 4×4 → 8×8)" for the log."""
+    dims = lambda shape: "×".join(str(d) for d in shape)  # noqa: E731
+    extras = [x for x in ("+align" if tap["align"] else "",
+                          f"resample {tap['resample']}" if tap["resample"] != "none" else "") if x]
+    return (f"{tap['student']} {dims(tap['student_shape'])} → {tap['teacher']} {dims(tap['teacher_shape'])}"
+            + (f" ({', '.join(extras)})" if extras else ""))
+
+
+def mgd_record(head: MGDHead | None) -> dict[str, Any]:
+    """What the manifest records of a student's MGD: each tap pair (C×H×W on both sides, align,
+    resampling, the α used) and how α was chosen."""
+    if head is None:
+        return {}
+    return {"mgd_alpha": head.losses[0].alpha, "mgd_alpha_rule": "auto" if head.auto else "set",
+            "mgd_taps": head.describe()}
+
+
 @contextmanager
 def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterator[tuple[LossFn | None, MGDHead | None]]:
     """``(loss_fn, mgd_blocks)`` for training ``student`` from the stage's `teacher` input.
@@ -47,24 +65,35 @@ def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterat
     if method in ("mgd", "mgd+kd"):
         m = cfg.mgd
         head = MGDHead(student, teacher, m.student_layers, m.teacher_layers, ctx.data.input_shape,
-                       alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask, seed=ctx.cfg.pipeline.seed)
+                       alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask, seed=ctx.cfg.pipeline.seed,
+                       resample=m.resample, auto_ratio=m.auto_ratio)
         s_tap = FeatureTap(student, m.student_layers, role="student")
         t_tap = FeatureTap(teacher, m.teacher_layers, role="teacher")
-        log.info("MGD pairs %s", ", ".join(
-            f"{s}({blk.student_channels}ch) → {t}({blk.teacher_channels}ch){' +align' if blk.align is not None else ''}"
-            for (s, t), blk in zip(head.pairs, head.losses)))
+        log.info("MGD pairs %s", "; ".join(_describe_tap(t) for t in head.taps))
     use_kd = method in ("kd", "mgd+kd")
+    tap_names = [f"mgd[{s}]" for s, _ in head.pairs] if head is not None and len(head.pairs) > 1 else []
 
-    def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any]:
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any, dict]:
         out = model(images)
-        loss = task.loss(out, targets, cfg)
+        task_loss = task.loss(out, targets, cfg)
+        terms = {"task": task_loss}
         with torch.no_grad():  # the teacher is a fixed target; its features feed MGD via the tap
             t_out = teacher(images)
+        loss = task_loss
         if head is not None:
-            loss = loss + head(s_tap.take(), t_tap.take())
+            s_feats, t_feats = s_tap.take(), t_tap.take()
+            if head.pending:  # alpha = "auto": measured on this first batch, then fixed
+                alpha = head.calibrate(s_feats, t_feats, task_loss)
+                log.info("MGD alpha = \"auto\": %.4g (the MGD loss at the first batch = %g × the task loss %.4g)",
+                         alpha, head.auto_ratio, float(task_loss.detach()))
+            parts = head.terms(s_feats, t_feats)
+            terms["mgd"] = sum(parts)
+            terms.update(zip(tap_names, parts))
+            loss = loss + terms["mgd"]
         if use_kd:
-            loss = loss + cfg.kd.weight * task.kd_loss(out, t_out, cfg.kd)
-        return loss, out
+            terms["kd"] = cfg.kd.weight * task.kd_loss(out, t_out, cfg.kd)
+            loss = loss + terms["kd"]
+        return loss, out, terms
 
     try:
         yield loss_fn, head

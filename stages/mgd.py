@@ -10,6 +10,19 @@ is left, which forces the student's feature to carry the teacher's information:
 3. generate: ``G = Conv3x3 → ReLU → Conv3x3`` (teacher width) applied to ``S' ⊙ M``;
 4. loss: ``α · Σ (G − T)² / N`` (sum over C, H, W and batch, divided by the batch size).
 
+Taps of different spatial size (a ResNet teacher and a MobileNet student, DeepLabV3 and LRASPP)
+are resampled so that they meet (``resample``): by default the student's aligned map is brought
+to the teacher's H×W (bilinear when it grows, area-averaged when it shrinks) before the mask
+and the generation block, so the block has to generate the teacher's full detail, which is
+MGD's point; ``resample = "teacher"`` brings the teacher's map to the student's size instead
+(cheaper, and the teacher's detail is averaged away). Sizes that differ by more than
+:data:`MAX_RESAMPLE` in a dimension are refused: the two maps then see different things.
+
+Because the loss is a sum over C·H·W, the authors' α fits only their map sizes. ``alpha =
+"auto"`` (the tasks' default) follows their advice instead: choose α so that the MGD loss is
+about the size of the task loss. :class:`MGDHead` measures both on the first training batch
+and sets one α for every tap (so the taps keep the authors' relative weights), recorded per tap.
+
 As in the authors' code (github.com/yzd-v/MGD), the mask is drawn after the align conv, the
 convolutions have biases, and the loss is added to the student's own task loss. The align and
 generation blocks are training-only: they never become part of the exported student.
@@ -21,14 +34,29 @@ and spatial sizes discovered by a dry forward (never typed by the user).
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.models import head_names
 from pipeline.taps import HEAD_NAMES, PROBE_SIZE, Stage, analyse
+
+# The largest factor between a teacher tap's and its student tap's H (or W) that MGD resamples.
+MAX_RESAMPLE = 4
+RESAMPLE = ("student", "teacher")
+
+
+def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` (N×C×H×W) at ``size``: area-averaged where a side shrinks, bilinear where it grows."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class MGDLoss(nn.Module):
@@ -48,13 +76,18 @@ class MGDLoss(nn.Module):
         *,
         names: tuple[str, str] = ("student", "teacher"),
         seed: int = 0,
+        resample: Literal["student", "teacher"] = "student",
     ):
         super().__init__()
+        if resample not in RESAMPLE:
+            raise ValueError(f"resample must be 'student' or 'teacher', got {resample!r}")
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if mask not in ("channel", "pixel"):
             raise ValueError(f"mask must be 'channel' or 'pixel', got {mask!r}")
-        self.alpha = alpha
+        # A buffer: an α measured on the first batch (alpha = "auto") is restored on resume.
+        self.register_buffer("alpha_value", torch.tensor(float(alpha), dtype=torch.float64))
+        self.resample = resample
         self.mask_ratio = mask_ratio
         self.mask = mask
         self.names = names  # layer names, for error messages only
@@ -74,6 +107,15 @@ class MGDLoss(nn.Module):
         # state is a buffer, so a resume checkpoint (which saves these blocks) restores it too.
         self.register_buffer("mask_rng", torch.Generator().manual_seed(seed).get_state())
 
+    @property
+    def alpha(self) -> float:
+        """The loss weight α."""
+        return float(self.alpha_value)
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.alpha_value.fill_(float(value))
+
     def random_mask(self, n: int, c: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         """A 0/1 float mask zeroing each channel (or pixel) with probability ``mask_ratio``."""
         shape = (n, c, 1, 1) if self.mask == "channel" else (n, 1, h, w)  # N×C×1×1 | N×1×H×W
@@ -90,27 +132,35 @@ class MGDLoss(nn.Module):
                 f"MGD needs N×C×H×W feature maps: {self.names[0]} gave {tuple(student_feat.shape)}, "
                 f"{self.names[1]} gave {tuple(teacher_feat.shape)}"
             )
-        if student_feat.shape[-2:] != teacher_feat.shape[-2:] or student_feat.shape[0] != teacher_feat.shape[0]:
+        if student_feat.shape[0] != teacher_feat.shape[0]:
             raise ValueError(
-                f"MGD feature maps differ in batch or spatial size: student {self.names[0]} "
-                f"{tuple(student_feat.shape)} vs teacher {self.names[1]} {tuple(teacher_feat.shape)}; "
-                "tap layers with the same H×W"
+                f"MGD feature maps differ in batch size: student {self.names[0]} {tuple(student_feat.shape)} vs "
+                f"teacher {self.names[1]} {tuple(teacher_feat.shape)}"
             )
         if student_feat.shape[1] != self.student_channels or teacher_feat.shape[1] != self.teacher_channels:
             raise ValueError(
                 f"MGD built for {self.student_channels}→{self.teacher_channels} channels but got "
                 f"{student_feat.shape[1]}→{teacher_feat.shape[1]} ({self.names[0]} → {self.names[1]})"
             )
-        n, c, h, w = teacher_feat.shape
+        return self.alpha_value.float() * self.distance(student_feat, teacher_feat, mask)
+
+    def distance(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ(G − T)² / N``: the loss before its weight α (maps resampled to meet, see ``resample``)."""
         teacher_feat = teacher_feat.detach()  # the teacher is a target, never trained
-        aligned = self.align(student_feat) if self.align is not None else student_feat  # N×Ct×H×W
+        aligned = self.align(student_feat) if self.align is not None else student_feat  # N×Ct×Hs×Ws
+        if self.resample == "student":
+            aligned = resize_map(aligned, tuple(teacher_feat.shape[-2:]))  # N×Ct×Ht×Wt
+        else:
+            teacher_feat = resize_map(teacher_feat, tuple(aligned.shape[-2:]))  # N×Ct×Hs×Ws
+        n, c, h, w = teacher_feat.shape
         if mask is None:
             mask = self.random_mask(n, c, h, w, aligned.device)
         masked = aligned * mask.to(aligned.dtype)  # N×Ct×H×W, a fraction λ zeroed
         generated = self.generation(masked)  # N×Ct×H×W
         # Sum of squares over everything / N (the authors' MSELoss(reduction="sum") / N), in
         # float32 so a bf16/fp16 autocast does not lose the small α-scaled value.
-        return self.alpha * (generated.float() - teacher_feat.float()).pow(2).sum() / n
+        return (generated.float() - teacher_feat.float()).pow(2).sum() / n
 
 
 class FeatureTap:
@@ -185,13 +235,6 @@ def _stage_hint(model: nn.Module, layer: str, input_shape: tuple[int, int, int] 
             + f" (feature stages, C×H×W at {shape[1]}×{shape[2]} px: {', '.join(s.describe() for s in stages)}{default})")
 
 
-def _same_size(model: nn.Module, input_shape: tuple[int, int, int], hw: tuple[int, ...]) -> str:
-    """The model's feature stages whose maps are ``hw`` (H, W), for a pairing hint."""
-    found = _analyse(model, input_shape)
-    names = [s.name for s in found[0] if s.shape[1:] == tuple(hw)] if found else []
-    return ", ".join(names) if names else "none"
-
-
 @torch.no_grad()
 def probe_shapes(model: nn.Module, layers: list[str], input_shape: tuple[int, int, int], *, role: str) -> list[tuple[int, ...]]:
     """Shapes (C, H, W) of the named layers' outputs, from a dry forward of one zero image."""
@@ -207,8 +250,44 @@ def probe_shapes(model: nn.Module, layers: list[str], input_shape: tuple[int, in
         model.train(was_training)
 
 
+def _stage_list(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """"a 64×8×8, b 128×4×4, …": a model's feature stages with their sizes, for error messages."""
+    found = _analyse(model, input_shape)
+    return ", ".join(s.describe() for s in found[0]) if found and found[0] else "none found"
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def check_pair_sizes(s_name: str, t_name: str, s_shape: tuple[int, ...], t_shape: tuple[int, ...], *,
+                     student: nn.Module, teacher: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """A :class:`ConfigError` that reads as a sentence when two taps cannot be paired: not
+    feature maps, or H×W apart by more than :data:`MAX_RESAMPLE`."""
+    size = f"{input_shape[1]}×{input_shape[2]} px"
+    if len(s_shape) != 3 or len(t_shape) != 3:
+        raise ConfigError(
+            f"distill.mgd: MGD pairs C×H×W feature maps, but at {size} the student's {s_name} gives {s_shape} and "
+            f"the teacher's {t_name} gives {t_shape}; student stages: {_stage_list(student, input_shape)}; "
+            f"teacher stages: {_stage_list(teacher, input_shape)}"
+        )
+    factor = max(max(a, b) / min(a, b) for a, b in zip(s_shape[1:], t_shape[1:]))
+    if factor > MAX_RESAMPLE:
+        raise ConfigError(
+            f"distill.mgd: at {size} the student's {s_name} map ({_dims(s_shape)}) and the teacher's {t_name} map "
+            f"({_dims(t_shape)}) differ {factor:g}-fold in size, more than the {MAX_RESAMPLE}-fold MGD resamples; "
+            f"pair stages closer in size (student stages, C×H×W: {_stage_list(student, input_shape)}; teacher "
+            f"stages: {_stage_list(teacher, input_shape)}) in [distill.mgd] student_layers / teacher_layers, or "
+            "change a stem's stride with teacher.small_input / distill.small_input"
+        )
+
+
 class MGDHead(nn.Module):
-    """One :class:`MGDLoss` per (student layer, teacher layer) pair, summed."""
+    """One :class:`MGDLoss` per (student layer, teacher layer) pair, summed.
+
+    ``alpha = "auto"``: every tap's α is unset (NaN) until :meth:`calibrate` measures the first
+    batch; ``auto_ratio`` is the MGD loss at that batch as a multiple of the task loss.
+    """
 
     def __init__(
         self,
@@ -218,38 +297,68 @@ class MGDHead(nn.Module):
         teacher_layers: list[str],
         input_shape: tuple[int, int, int],
         *,
-        alpha: float,
+        alpha: float | str,
         mask_ratio: float,
         mask: str,
         seed: int = 0,
+        resample: str = "student",
+        auto_ratio: float = 1.0,
     ):
         super().__init__()
+        if resample not in RESAMPLE:
+            raise ConfigError(f"distill.mgd.resample = {resample!r}: allowed student, teacher")
         s_shapes = probe_shapes(student, student_layers, input_shape, role="student")
         t_shapes = probe_shapes(teacher, teacher_layers, input_shape, role="teacher")
-        losses = []
+        self.auto = alpha == "auto"
+        self.auto_ratio = auto_ratio
+        losses, self.taps = [], []
         for s_name, t_name, s_shape, t_shape in zip(student_layers, teacher_layers, s_shapes, t_shapes):
-            if len(s_shape) != 3 or len(t_shape) != 3:
-                raise ConfigError(
-                    f"distill.mgd: layers must output C×H×W feature maps; student {s_name} gives {s_shape}, "
-                    f"teacher {t_name} gives {t_shape}"
-                )
-            if s_shape[1:] != t_shape[1:]:
-                size = f"{input_shape[1]}×{input_shape[2]} px"
-                raise ConfigError(
-                    f"distill.mgd: student layer {s_name} outputs {s_shape[1]}×{s_shape[2]} but teacher layer "
-                    f"{t_name} outputs {t_shape[1]}×{t_shape[2]} (C×H×W {s_shape} vs {t_shape}) at {size}; "
-                    f"pair layers of the same spatial size: student stages at {t_shape[1]}×{t_shape[2]}: "
-                    f"{_same_size(student, input_shape, t_shape[1:])}; teacher stages at {s_shape[1]}×{s_shape[2]}: "
-                    f"{_same_size(teacher, input_shape, s_shape[1:])} (set them in [distill.mgd] student_layers / "
-                    "teacher_layers), or change the stems' strides with teacher.small_input / distill.small_input"
-                )
-            losses.append(
-                MGDLoss(s_shape[0], t_shape[0], alpha=alpha, mask_ratio=mask_ratio, mask=mask, names=(s_name, t_name),
-                        seed=seed + len(losses))
-            )
+            check_pair_sizes(s_name, t_name, s_shape, t_shape, student=student, teacher=teacher, input_shape=input_shape)
+            block = MGDLoss(s_shape[0], t_shape[0], alpha=math.nan if self.auto else float(alpha),
+                            mask_ratio=mask_ratio, mask=mask, names=(s_name, t_name), seed=seed + len(losses),
+                            resample=resample)
+            losses.append(block)
+            moved = "" if s_shape[1:] == t_shape[1:] else (
+                f"student {_dims(s_shape[1:])} → {_dims(t_shape[1:])}" if resample == "student"
+                else f"teacher {_dims(t_shape[1:])} → {_dims(s_shape[1:])}")
+            self.taps.append({"student": s_name, "teacher": t_name, "student_shape": list(s_shape),
+                              "teacher_shape": list(t_shape), "align": block.align is not None,
+                              "resample": moved or "none"})
         self.losses = nn.ModuleList(losses)
         self.pairs = list(zip(student_layers, teacher_layers))
 
+    @property
+    def pending(self) -> bool:
+        """True while ``alpha = "auto"`` has not been measured yet (a resumed head has been)."""
+        return self.auto and any(math.isnan(loss.alpha) for loss in self.losses)
+
+    @torch.no_grad()
+    def calibrate(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                  task_loss: torch.Tensor) -> float:
+        """Set one α for every tap so that the MGD loss of this batch (no mask drawn, so the mask
+        stream is untouched) is ``auto_ratio`` × ``task_loss``; averaged over ranks under torchrun."""
+        from pipeline import dist
+
+        raw = sum(loss.distance(s, t, mask=torch.ones((), device=s.device))
+                  for loss, s, t in zip(self.losses, student_feats, teacher_feats))
+        both = dist.mean(torch.stack([raw.detach().float(), task_loss.detach().float()]))
+        raw_v, task_v = float(both[0]), float(both[1])
+        if not (math.isfinite(raw_v) and math.isfinite(task_v)) or raw_v <= 0 or task_v <= 0:
+            raise ValueError(f"alpha = \"auto\" cannot be measured: MGD distance {raw_v:g}, task loss {task_v:g} at "
+                             "the first batch; set [distill.mgd] alpha")
+        alpha = self.auto_ratio * task_v / raw_v
+        for loss in self.losses:
+            loss.alpha = alpha
+        return alpha
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each tap pair: layers, C×H×W on both sides, align, resampling and the α used."""
+        return [{**tap, "alpha": loss.alpha} for tap, loss in zip(self.taps, self.losses)]
+
+    def terms(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The per-pair MGD losses, in pair order."""
+        return [loss(s, t) for loss, s, t in zip(self.losses, student_feats, teacher_feats)]
+
     def forward(self, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
         """Sum of the per-pair MGD losses."""
-        return sum(loss(s, t) for loss, s, t in zip(self.losses, student_feats, teacher_feats))
+        return sum(self.terms(student_feats, teacher_feats))

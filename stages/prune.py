@@ -38,7 +38,7 @@ from pipeline.run_models import build_student, is_pruned_payload, load_student_f
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import Task, get_task
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation
+from stages.distillation import distillation, mgd_record
 from stages.training import fit, loaders, save_torch
 
 log = logging.getLogger(__name__)
@@ -183,18 +183,19 @@ def _torch_latency(model: nn.Module, ctx: StageContext) -> dict[str, float | int
         torch.set_num_threads(threads)
 
 
-def _heal(ctx: StageContext, model: nn.Module) -> list[dict[str, float]]:
-    """Fine-tune the pruned student with the task loss + the distill stage's method (MGD)."""
+def _heal(ctx: StageContext, model: nn.Module) -> tuple[list[dict[str, float]], dict]:
+    """Fine-tune the pruned student with the task loss + the distill stage's method (MGD);
+    return its history and what the manifest records of its MGD (taps, α)."""
     cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
     if cfg.heal_epochs == 0:
-        return []
+        return [], {}
     with distillation(ctx, model, dcfg.method) as (loss_fn, head):
         train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
         history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
                       checkpoint=ctx.resume_file("heal.checkpoint.pt"), key=f"{ctx.key}:heal",
                       desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,
                       task=ctx.task, num_classes=ctx.data.num_classes, loss_fn=loss_fn, extra=head)
-    return history.epochs
+        return history.epochs, mgd_record(head)
 
 
 def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:
@@ -256,7 +257,7 @@ def run(ctx: StageContext) -> StageResult:
     model, prune_history = _pruned_unhealed(ctx, student)
     model.to(ctx.device)
     before.update({f"{k}_before_heal": v for k, v in evaluate_module(model, val, ctx.device, task, n).items()})
-    history = _heal(ctx, model)
+    history, heal_mgd = _heal(ctx, model)
     model.eval()
     path = ctx.out_dir / "pruned.pt"
     save_torch(_payload(ctx, model.cpu(), prune_history), path)
@@ -278,6 +279,7 @@ def run(ctx: StageContext) -> StageResult:
         "batch_latency_speedup": lat_before["batch_latency_p50_ms"] / lat_after["batch_latency_p50_ms"],
         "ratio": cfg.ratio, "importance": cfg.importance, "steps": cfg.steps, "round_to": cfg.round_to,
         "heal_epochs": cfg.heal_epochs, "heal_method": ctx.cfg.distill.method if cfg.heal_epochs else "none",
+        **heal_mgd,
     }
     result = StageResult(
         outputs={"pruned": path},

@@ -39,9 +39,10 @@ CHECKPOINT_EVERY_S = 20.0
 
 clock = time.perf_counter  # epoch timing (a module attribute, so a test can drive it)
 
-# loss_fn(model, images, targets) -> (loss, model output). The default is the task loss alone;
-# distillation passes a closure that adds its terms.
-LossFn = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+# loss_fn(model, images, targets) -> (loss, model output, {term: value}). The default is the task
+# loss alone ({"task": loss}); distillation passes a closure that adds its terms (mgd, kd), each
+# logged and recorded per epoch apart from the total.
+LossFn = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any, dict[str, torch.Tensor]]]
 
 
 class TrainingError(RuntimeError):
@@ -50,8 +51,10 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class History:
-    """Per-epoch records: epoch, loss, train_<m> (when the task has a running training metric),
-    val_<m> (the task's primary metric, e.g. val_acc, val_miou), lr, seconds."""
+    """Per-epoch records: epoch, loss, loss_<term> (each loss term's mean: loss_task, loss_mgd,
+    loss_mgd[<tap>] when MGD taps several layers, loss_kd), train_<m> (when the task has a
+    running training metric), val_<m> (the task's primary metric, e.g. val_acc, val_miou), lr,
+    seconds."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
 
@@ -125,11 +128,21 @@ def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 def task_loss(task: "Task", optim: OptimConfig) -> LossFn:
     """The task's own loss on the model's output."""
 
-    def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any]:
+    def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any, dict]:
         out = model(images)
-        return task.loss(out, targets, optim), out
+        loss = task.loss(out, targets, optim)
+        return loss, out, {"task": loss}
 
     return loss_fn
+
+
+def term_summary(record: dict[str, float]) -> str:
+    """" (task 1.23, mgd 0.45, kd 0.06)" from an epoch record's loss_<term> entries ("" when the
+    task loss is the only term)."""
+    terms = [(k[5:], v) for k, v in record.items() if k.startswith("loss_") and "[" not in k]
+    if len(terms) < 2:
+        return ""
+    return " (" + ", ".join(f"{name} {value:.4g}" for name, value in terms) + ")"
 
 
 def fit(
@@ -209,13 +222,14 @@ def fit(
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
             loss_sum, correct, counted, seen = 0.0, 0, 0, 0
+            term_sums: dict[str, float] = {}
             for batch_idx, (images, targets) in enumerate(train_loader):
                 images = images.to(device, non_blocking=True)
                 targets = task.targets_to(targets, device)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, out = loss_fn(net, images, targets)
+                    loss, out, terms = loss_fn(net, images, targets)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"{desc}: loss is {loss.item()} at epoch {epoch + 1} batch {batch_idx + 1}; "
@@ -229,6 +243,10 @@ def fit(
                     loss.backward()
                 if extra is not None:
                     dist.average_gradients(extra)  # DDP syncs the model; the MGD blocks are ours to sync
+                if optim.grad_clip:
+                    if scaler is not None:
+                        scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+                    torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -238,6 +256,8 @@ def fit(
                 faults.point("train-step")
                 n = task.batch_size_of(targets)
                 loss_sum += loss.item() * n
+                for term, value in terms.items():
+                    term_sums[term] = term_sums.get(term, 0.0) + float(value.detach()) * n
                 seen += n
                 hits = task.train_correct(out, targets)
                 if hits is not None:
@@ -245,14 +265,15 @@ def fit(
                     counted += hits[1]
                 bar.update(bar_task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
             val = evaluate_module(model, val_loader, device, task, num_classes)[task.metric]
-            record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen)}
+            record = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen),
+                      **{f"loss_{term}": total / max(1, seen) for term, total in term_sums.items()}}
             if counted:
                 record[f"train_{task.history_metric}"] = correct / counted
             record.update({val_key: val, "lr": opt.param_groups[0]["lr"], "seconds": clock() - t0})
             history.epochs.append(record)
             (log.info if dist.is_main() else log.debug)(
-                "%s epoch %d/%d: loss %.4f, %sval %s %.4f (%.1fs)",
-                desc, epoch + 1, epochs, record["loss"],
+                "%s epoch %d/%d: loss %.4f%s, %sval %s %.4f (%.1fs)",
+                desc, epoch + 1, epochs, record["loss"], term_summary(record),
                 f"train {task.history_metric} {correct / counted:.4f}, " if counted else "", task.metric, val,
                 record["seconds"],
             )

@@ -14,10 +14,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_cover_every_table():
     cfg = config.from_dict({})
-    assert cfg.distill.mgd.alpha == 7e-5 and cfg.distill.mgd.mask_ratio == 0.15 and cfg.distill.mgd.mask == "channel"
+    assert cfg.distill.mgd.alpha == "auto" and cfg.distill.mgd.mask_ratio == 0.15 and cfg.distill.mgd.mask == "channel"
     assert cfg.distill.mgd.teacher_layers == ["layer4"]
     assert cfg.tensorrt.calibration == "entropy" and cfg.onnx.opset == 18
     assert cfg.openvino.precisions == ["fp32", "int8"]
+
+
+@pytest.mark.parametrize("task, optimizer, lr, clip, batch", [
+    ("classification", "sgd", 0.02, 0.0, 64), ("segmentation", "adamw", 2e-3, 35.0, 16),
+    ("detection", "adamw", 1e-3, 35.0, 8)])
+def test_each_task_declares_its_recipe_and_explicit_keys_win(task, optimizer, lr, clip, batch):
+    source = {"classification": "digits"}.get(task, "scenes")
+    arch = {"segmentation": ("deeplabv3_resnet34", "deeplabv3_resnet18"),
+            "detection": ("retinanet_resnet34_fpn", "retinanet_resnet18_fpn")}.get(task, ("resnet34", "resnet18"))
+    raw = {"pipeline": {"task": task}, "data": {"source": source}, "teacher": {"arch": arch[0]},
+           "distill": {"student": arch[1]}}
+    cfg = config.from_dict(raw)
+    for table in (cfg.teacher, cfg.distill):
+        assert (table.optimizer, table.lr, table.grad_clip, table.warmup_epochs) == (optimizer, lr, clip, 1)
+    assert cfg.data.batch_size == batch
+    # What was used is what the config holds, so the manifest's config-as-run records it.
+    assert cfg.model_dump()["teacher"]["optimizer"] == optimizer
+    mine = config.from_dict({**raw, "data": {"source": source, "batch_size": 3},
+                             "teacher": {"arch": arch[0], "lr": 0.5, "optimizer": "sgd"},
+                             "distill": {"student": arch[1], "grad_clip": 0}, "prune": {"lr": 0.1}})
+    assert (mine.teacher.lr, mine.teacher.optimizer, mine.data.batch_size) == (0.5, "sgd", 3)
+    assert mine.distill.grad_clip == 0 and mine.prune.lr == 0.1 and mine.distill.lr == lr
 
 
 @pytest.mark.parametrize("path", sorted([ROOT / "pipeline.toml", *(ROOT / "configs").glob("*.toml")]), ids=lambda p: p.name)
@@ -32,6 +54,9 @@ def test_shipped_configs_are_valid(path):
         ({"teacher": {"epochs": "x"}}, "teacher.epochs = 'x'"),
         ({"teacher": {"epochs": -1}}, "teacher.epochs = -1"),
         ({"distill": {"mgd": {"mask_ratio": 1.0}}}, "distill.mgd.mask_ratio = 1.0"),
+        ({"distill": {"mgd": {"alpha": 0}}}, "distill.mgd.alpha = 0"),
+        ({"distill": {"mgd": {"alpha": "big"}}}, "distill.mgd.alpha"),
+        ({"distill": {"mgd": {"resample": "nearest"}}}, "distill.mgd.resample = 'nearest'"),
         ({"distill": {"mgd": {"bogus": 1}}}, "distill.mgd.bogus: unknown key"),
         ({"nonsense": {}}, "nonsense: unknown key"),
         ({"data": {"source": "mnist"}}, "'digits', 'imagefolder', 'torchvision', 'scenes', 'masks' or 'coco'"),

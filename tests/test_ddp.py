@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         logits = net(x)
         with torch.no_grad():
             teacher(x)
-        return F.cross_entropy(logits, y) + head(s_tap.take()[0], t_tap.take()[0]), logits
+        return F.cross_entropy(logits, y) + head(s_tap.take()[0], t_tap.take()[0]), logits, {}
 
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))

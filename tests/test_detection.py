@@ -109,6 +109,27 @@ def test_loss_is_torchvisions_and_trains_the_head(arch):
     assert all(np.isfinite(losses)) and losses[-1] < 0.85 * losses[0], losses
 
 
+def test_the_default_detection_recipe_trains_from_scratch_and_lowers_its_loss_without_a_nan(tmp_path):
+    # No optimizer key at all: the task's recipe (AdamW, warm-up, clipping, batch 8) is what trains.
+    from stages.training import fit
+
+    cfg = _det(data={"scenes": {"train_images": 16, "val_images": 4, "min_digits": 1, "max_digits": 2},
+                     "augment": False},
+               teacher={"arch": "fcos_resnet18_fpn", "fpn_channels": 32, "epochs": 4},
+               distill={"student": "fcos_resnet18_fpn", "fpn_channels": 32})
+    assert (cfg.teacher.optimizer, cfg.teacher.grad_clip, cfg.data.batch_size) == ("adamw", 35.0, 8)
+    task = get_task("detection").bind(cfg)
+    data = task.load_data(cfg.data, 0, tmp_path)
+    torch.manual_seed(0)
+    model = build_det_model("fcos_resnet18_fpn", data.num_classes, image_size=S, fpn_channels=32)
+    history = fit(model, train_loader=data.loader("train", cfg.data.batch_size, seed=0),
+                  val_loader=data.loader("val", 4), optim=cfg.teacher, device=torch.device("cpu"),
+                  checkpoint=tmp_path / "c.pt", key="k", desc="det", task=task, num_classes=data.num_classes)
+    losses = [e["loss"] for e in history.epochs]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert all(e["loss_task"] == pytest.approx(e["loss"]) for e in history.epochs)
+
+
 def test_kd_loss_is_binary_cross_entropy_to_the_teachers_scores():
     task, cfg = _bound("retinanet_resnet18_fpn", 32)
     g = torch.Generator().manual_seed(0)
@@ -298,7 +319,7 @@ def test_box_matches_is_one_to_one():
 def test_the_authors_detection_settings_are_the_defaults_and_explicit_keys_win():
     m = _det().distill.mgd
     levels = [f"fpn_taps.p{k}" for k in range(3, 8)]
-    assert (m.alpha, m.mask_ratio, m.mask) == (2e-5, 0.65, "pixel")
+    assert (m.alpha, m.mask_ratio, m.mask) == ("auto", 0.65, "pixel")
     assert m.teacher_layers == levels and m.student_layers == levels
     ssd = _det(teacher={"arch": "ssdlite320_mobilenet_v3_large"},
                distill={"student": "ssdlite320_mobilenet_v3_large"}).distill.mgd

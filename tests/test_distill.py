@@ -79,9 +79,22 @@ def test_other_methods(method, tmp_path, tiny_config):
     assert set(rec.outputs) == {"student"} and rec.status == "ok"
 
 
-def test_distill_with_different_widths_uses_align(tmp_path, tiny_config):
-    cfg = _cfg(tmp_path, tiny_config, "[distill]\nstudent = 'mobilenet_v3_small'\nbaseline = false\nepochs = 1\n"
-               "[distill.mgd]\nstudent_layers = ['features']\n")
+def test_a_resnet_teacher_and_a_mobilenet_student_pair_with_the_default_taps_at_an_odd_size(tmp_path, tiny_config):
+    # The user's case: no [distill.mgd] layers, 20 px: ResNet-18's layer4 and MobileNetV3's last
+    # stage differ in width and in H×W; the align conv and the resampling meet them.
+    cfg = _cfg(tmp_path, tiny_config, "[data]\nimage_size = 20\n[teacher]\nepochs = 0\n"
+               "[distill]\nstudent = 'mobilenet_v3_small'\nbaseline = false\nepochs = 2\n")
     out = _run(cfg)
     assert out.code == 0, out.messages
-    assert out.manifest.stages["distill"].metrics["student"]["params"] < 2_000_000
+    metrics = out.manifest.stages["distill"].metrics["student"]
+    assert metrics["params"] < 2_000_000
+    (tap,) = metrics["mgd_taps"]
+    assert tap["student"] == "features" and tap["teacher"] == "layer4" and tap["align"]
+    assert tap["student_shape"][1:] != tap["teacher_shape"][1:]
+    assert tap["resample"] == f"student {tap['student_shape'][1]}×{tap['student_shape'][2]} → " \
+                              f"{tap['teacher_shape'][1]}×{tap['teacher_shape'][2]}"
+    assert metrics["mgd_alpha_rule"] == "auto" and tap["alpha"] == metrics["mgd_alpha"] > 0
+    # Every loss term is recorded per epoch, apart from the total.
+    for epoch in out.manifest.stages["distill"].history["student"]:
+        assert epoch["loss_task"] > 0 and epoch["loss_mgd"] > 0
+        assert epoch["loss"] == pytest.approx(epoch["loss_task"] + epoch["loss_mgd"], rel=1e-4)

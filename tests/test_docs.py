@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.config import reference_rows
+from pipeline.config import recipe_rows, reference_rows
 from pipeline.runner import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +20,11 @@ def test_every_config_key_is_in_the_reference_with_its_default():
     stale = [f"{key} = {default}" for key, default, _ in reference_rows() if f"| `{key}` | `{default}` |" not in CONFIG_DOC]
     assert not stale, f"docs/config.md has other defaults than the code for: {stale}"
     assert "(docs/config.md)" in README, "the README must link the config reference"
+
+
+def test_every_tasks_recipe_is_in_the_reference_as_declared():
+    stale = [row[0] for row in recipe_rows() if "| " + " | ".join(row) + " |" not in CONFIG_DOC]
+    assert not stale, f"docs/config.md's task recipes differ from the code for: {stale}"
 
 
 def test_quickstart_has_exactly_two_commands_and_ci_uses_the_test_one():

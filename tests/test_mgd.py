@@ -84,10 +84,32 @@ def test_align_only_when_channels_differ():
     assert diff.align.in_channels == 4 and diff.align.out_channels == 8
 
 
-def test_spatial_mismatch_names_layers_and_shapes():
-    loss = MGDLoss(4, 4, names=("layer4", "layer3"))
-    with pytest.raises(ValueError, match=r"layer4 \(2, 4, 2, 2\) vs teacher layer3 \(2, 4, 4, 4\)"):
-        loss(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 4, 4))
+@pytest.mark.parametrize("resample", ["student", "teacher"])
+def test_maps_of_different_size_are_resampled_to_meet(resample):
+    loss = MGDLoss(4, 4, alpha=0.5, resample=resample)
+    _identity_generation(loss)
+    s = torch.rand(2, 4, 2, 2, requires_grad=True)  # positive: relu(G) passes it through
+    t = torch.randn(2, 4, 4, 4)
+    ones = torch.ones(1, 1, 1, 1)
+    if resample == "student":  # the student's map grows to the teacher's 4×4, bilinear
+        g, target = nn.functional.interpolate(s, size=(4, 4), mode="bilinear", align_corners=False), t
+    else:  # the teacher's map is area-averaged down to the student's 2×2
+        g, target = s, nn.functional.adaptive_avg_pool2d(t, (2, 2))
+    expected = 0.5 * ((torch.relu(g) - target) ** 2).sum() / 2
+    value = loss(s, t, mask=ones)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    value.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_a_shrinking_student_map_is_area_averaged():
+    loss = MGDLoss(3, 3)
+    x = torch.randn(1, 3, 8, 8)
+    from stages.mgd import resize_map
+
+    assert torch.allclose(resize_map(x, (4, 4)), nn.functional.avg_pool2d(x, 2))
+    assert resize_map(x, (8, 8)) is x
+    assert loss.distance(torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)).dim() == 0
 
 
 def test_feature_tap_unknown_layer_suggests():
@@ -109,11 +131,51 @@ def test_probe_and_head_discover_channels():
     assert len(mb._forward_hooks) == 0 and len(dict(mb.named_modules())["features"]._forward_hooks) == 0
 
 
-def test_head_rejects_different_spatial_sizes():
+def test_head_pairs_taps_of_different_size_and_records_the_resampling():
     r18 = torchvision.models.resnet18(num_classes=10)
     r34 = torchvision.models.resnet34(num_classes=10)
-    with pytest.raises(ConfigError, match=r"student layer layer4 outputs 2×2 but teacher layer layer3 outputs 4×4"):
-        MGDHead(r18, r34, ["layer4"], ["layer3"], (3, 64, 64), alpha=7e-5, mask_ratio=0.15, mask="channel")
+    head = MGDHead(r18, r34, ["layer4"], ["layer3"], (3, 64, 64), alpha=7e-5, mask_ratio=0.15, mask="channel")
+    (tap,) = head.describe()
+    assert tap["student_shape"] == [512, 2, 2] and tap["teacher_shape"] == [256, 4, 4]
+    assert tap["resample"] == "student 2×2 → 4×4" and tap["align"] and tap["alpha"] == pytest.approx(7e-5)
+    pooled = MGDHead(r18, r34, ["layer4"], ["layer3"], (3, 64, 64), alpha=7e-5, mask_ratio=0.15, mask="channel",
+                     resample="teacher")
+    assert pooled.describe()[0]["resample"] == "teacher 4×4 → 2×2"
+
+
+def test_head_refuses_sizes_too_far_apart_in_a_sentence_listing_both_models_stages():
+    r18 = torchvision.models.resnet18(num_classes=10)
+    r34 = torchvision.models.resnet34(num_classes=10)
+    with pytest.raises(ConfigError) as err:
+        MGDHead(r18, r34, ["layer4"], ["layer1"], (3, 64, 64), alpha=7e-5, mask_ratio=0.15, mask="channel")
+    msg = str(err.value)
+    assert "the student's layer4 map (512×2×2) and the teacher's layer1 map (64×16×16) differ 8-fold" in msg
+    assert "student stages, C×H×W: " in msg and "layer3 256×4×4" in msg and "teacher stages: " in msg
+    assert "layer1 64×16×16" in msg
+
+
+def test_auto_alpha_makes_the_first_batch_mgd_loss_the_task_loss_and_survives_a_resume():
+    r18 = torchvision.models.resnet18(num_classes=10)
+    r34 = torchvision.models.resnet34(num_classes=10).eval()
+    head = MGDHead(r18, r34, ["layer3", "layer4"], ["layer3", "layer4"], (3, 32, 32), alpha="auto",
+                   mask_ratio=0.15, mask="channel", auto_ratio=2.0)
+    st, tt = FeatureTap(r18, ["layer3", "layer4"], role="student"), FeatureTap(r34, ["layer3", "layer4"], role="teacher")
+    x = torch.randn(4, 3, 32, 32)
+    r18(x)
+    with torch.no_grad():
+        r34(x)
+    sf, tf = st.take(), tt.take()
+    assert head.pending
+    alpha = head.calibrate(sf, tf, torch.tensor(1.5))
+    assert not head.pending and alpha > 0
+    assert [t["alpha"] for t in head.describe()] == [alpha, alpha]  # one α: the taps keep their relative weight
+    unmasked = sum(loss(s, t, mask=torch.ones(())) for loss, s, t in zip(head.losses, sf, tf))
+    assert unmasked.item() == pytest.approx(2.0 * 1.5, rel=1e-4)
+    resumed = MGDHead(r18, r34, ["layer3", "layer4"], ["layer3", "layer4"], (3, 32, 32), alpha="auto",
+                      mask_ratio=0.15, mask="channel")
+    assert resumed.pending
+    resumed.load_state_dict(head.state_dict())
+    assert not resumed.pending and resumed.losses[1].alpha == pytest.approx(alpha)
 
 
 def test_head_sums_pairs_and_taps_keep_graph():

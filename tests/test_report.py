@@ -516,6 +516,28 @@ def test_training_curves_plot_any_val_or_train_metric():
         plots.training_curves({"student": [{"epoch": 1, "lr": 0.1, "seconds": 1.0}]})
 
 
+def test_training_curves_draw_each_loss_term_apart():
+    hist = [{"epoch": e, "loss": 3.0 - e, "loss_task": 2.0 - e / 2, "loss_mgd": 1.0 - e / 2, "val_acc": 0.5}
+            for e in (1, 2)]
+    seen = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+
+    matplotlib.axes.Axes.plot = spy
+    try:
+        plots.training_curves({"student": hist, "teacher": [{k: v for k, v in e.items() if k != "loss_mgd"}
+                                                            for e in hist]})
+    finally:
+        matplotlib.axes.Axes.plot = original
+    assert "student: task" in seen and "student: mgd" in seen
+    assert not any(str(label).startswith("teacher:") for label in seen)  # one term: the loss itself
+
+
 def test_runtime_and_comparisons_come_from_roles_not_names(tmp_path):
     data = manifest_dict()
     ov = data["stages"]["openvino"]

@@ -85,11 +85,31 @@ def _seg(**tables):
 
 def test_the_authors_segmentation_settings_are_the_defaults_and_explicit_keys_win():
     m = _seg().distill.mgd
-    assert (m.alpha, m.mask_ratio, m.mask) == (2e-5, 0.75, "pixel")
+    assert (m.alpha, m.mask_ratio, m.mask) == ("auto", 0.75, "pixel")
     assert m.teacher_layers == ["backbone.layer4"] and m.student_layers == ["backbone.16"]
     assert (_seg().distill.kd.temperature, _seg().distill.kd.weight) == (4.0, 3.0)
     mine = _seg(distill={"student": "deeplabv3_resnet18", "mgd": {"alpha": 1e-4, "mask_ratio": 0.5}}).distill.mgd
     assert (mine.alpha, mine.mask_ratio, mine.mask) == (1e-4, 0.5, "pixel")
+
+
+def test_a_deeplabv3_teacher_and_an_lraspp_student_pair_with_the_default_taps():
+    # LRASPP's high branch is at stride 16 where the dilated DeepLabV3 is at 8: the student's
+    # aligned map is resampled to the teacher's before the mask and the generation block.
+    from stages.mgd import MGDHead
+    from pipeline.run_models import build_student, build_teacher
+
+    cfg = _seg(data={"image_size": 64}, distill={"student": "lraspp_mobilenet_v3_large"})
+    m = cfg.distill.mgd  # the distill preflight builds this same head: it used to refuse the pair
+    head = MGDHead(build_student(cfg, 4, weights=""), build_teacher(cfg, 4, weights=""), m.student_layers,
+                   m.teacher_layers, (3, 64, 64), alpha=m.alpha, mask_ratio=m.mask_ratio, mask=m.mask)
+    (tap,) = head.describe()
+    assert (tap["student"], tap["teacher"]) == ("backbone.16", "backbone.layer4")
+    assert tap["student_shape"] == [960, 4, 4] and tap["teacher_shape"] == [512, 8, 8]
+    assert tap["resample"] == "student 4×4 → 8×8" and tap["align"]
+    s, t = torch.randn(2, 960, 4, 4, requires_grad=True), torch.randn(2, 512, 8, 8)
+    head.calibrate([s], [t], torch.tensor(1.0))
+    head([s], [t]).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("raw, message", [

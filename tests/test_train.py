@@ -60,7 +60,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model):
         if calls["n"] > 2 * len(train) + 1:  # a batch into epoch 3
             raise Interrupt
         logits = m(images)
-        return F.cross_entropy(logits, labels), logits
+        return F.cross_entropy(logits, labels), logits, {}
 
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
@@ -108,7 +108,7 @@ def test_nan_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path, tiny_mode
         n["i"] += 1
         logits = m(images)
         loss = F.cross_entropy(logits, labels)
-        return (loss * float("nan") if n["i"] == 3 else loss), logits
+        return (loss * float("nan") if n["i"] == 3 else loss), logits, {}
 
     with pytest.raises(TrainingError, match=r"epoch 2 batch 3.*learning rate"):
         fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=2, warmup_epochs=0),
@@ -140,7 +140,7 @@ def test_resume_restores_mgd_blocks_and_random_masks(tmp_path, tiny_model):
             logits = m(x)
             with torch.no_grad():
                 teacher(x)
-            return F.cross_entropy(logits, y) + head(s_tap.take()[0], t_tap.take()[0]), logits
+            return F.cross_entropy(logits, y) + head(s_tap.take()[0], t_tap.take()[0]), logits, {}
 
         train, val = _loaders()
         try:
@@ -172,7 +172,7 @@ def _fake_clock(monkeypatch, seconds_per_batch: float, start: float = 0.0):
     def slow_loss(m, images, labels):
         now["t"] += seconds_per_batch
         logits = m(images)
-        return F.cross_entropy(logits, labels), logits
+        return F.cross_entropy(logits, labels), logits, {}
 
     return slow_loss
 

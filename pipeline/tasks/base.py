@@ -56,6 +56,10 @@ class Task:
     sources: ClassVar[tuple[str, ...]]  # the `[data] source` values this task reads
     mgd_defaults: ClassVar[dict[str, Any]]  # [distill.mgd] alpha / mask_ratio / mask the user left out
     kd_defaults: ClassVar[dict[str, Any]] = {}  # [distill.kd] values the user left out
+    # The training recipe for the keys a config leaves out: "optim" (optimizer keys of [teacher]
+    # and [distill]: optimizer, lr, momentum, weight_decay, warmup_epochs, grad_clip, ...),
+    # "batch_size" ([data]) and "heal_lr" ([prune] lr). Explicit keys win.
+    recipe: ClassVar[dict[str, Any]] = {}
     # INT8 builds keep the layers producing the outputs in floating point (detection heads).
     int8_fp32_outputs: ClassVar[bool] = False
 
