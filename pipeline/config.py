@@ -212,6 +212,11 @@ class DistillConfig(OptimConfig):
         1.0, gt=0, le=1, description="Share of the training split the students train on (baseline, distilled, and "
                                      "healing after pruning: the same seeded subset); the teacher uses all of it."
     )
+    unlabeled: str = Field(
+        "", description="Images without labels that distillation also learns from (MGD/KD terms only, every step): "
+                        "a folder (recursive, any image format; relative to the config), or \"rest\": the training "
+                        "images train_fraction leaves out, labels unused. '' disables. The baseline never sees them.")
+    unlabeled_batch_size: int = Field(0, ge=0, le=4096, description="Unlabelled images per step; 0: data.batch_size.")
     mgd: MGDConfig = Field(default_factory=MGDConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
 

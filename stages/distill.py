@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from pipeline import unlabeled
 from pipeline.config import ConfigError, DistillConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import ArtifactRole
@@ -28,7 +29,7 @@ from pipeline.run_models import build_student, build_teacher, check_weights_file
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import get_task
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation, mgd_record
+from stages.distillation import distillation
 from stages.mgd import MGDHead
 from stages.training import fit, loaders, save_torch, state_dict_cpu
 
@@ -64,7 +65,7 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
         copied = init_from_teacher(student, load_frozen_teacher(ctx), ("backbone.fpn.", "head."))
         log.info("%s: init_student copied %d tensors of the teacher's neck and head (%d elements)", name,
                  len(copied), sum(student.state_dict()[k].numel() for k in copied))
-    with distillation(ctx, student, method) as (loss_fn, head):
+    with distillation(ctx, student, method) as wiring:
         train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
         # Building the MGD blocks drew from the global RNG; reseed so that every student sees
         # the same augmentation draws (MGD masks have a generator of their own).
@@ -72,8 +73,8 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
         history = fit(student, train_loader=train, val_loader=val, optim=cfg, device=ctx.device,
                       checkpoint=ctx.resume_file(f"{name}.checkpoint.pt"), key=f"{ctx.key}:{name}",
                       desc=f"{name} {cfg.student} ({method})", task=ctx.task, num_classes=ctx.data.num_classes,
-                      loss_fn=loss_fn, extra=head, then=then)
-        record = mgd_record(head)
+                      loss_fn=wiring.loss_fn, extra=wiring.head, then=then, unlabeled=wiring.unlabeled)
+        record = wiring.record()
     save_torch(state_dict_cpu(student), ctx.out_dir / f"{name}.pt")
     return student, history.epochs, record
 
@@ -92,6 +93,8 @@ def preflight(cfg) -> None:
     task.check_pair(cfg.teacher.arch, cfg.distill.student)
     if cfg.distill.weights and not cfg.distill.weights.startswith("torchvision:"):
         check_weights_file(cfg, "distill", build_student)
+    if cfg.distill.method != "none":
+        unlabeled.check(cfg.distill.unlabeled, cfg.distill.train_fraction, cfg.resolve("."))
     if cfg.distill.method in ("mgd", "mgd+kd"):
         m = cfg.distill.mgd
         with torch.random.fork_rng():  # probing must not shift the run's random stream
@@ -112,9 +115,9 @@ def run(ctx: StageContext) -> StageResult:
     with_baseline = cfg.baseline and cfg.method != "none"
     then = (f"the baseline student follows ({cfg.epochs} epochs, task loss alone: somewhat faster)"
             if with_baseline else "")
-    student, hist, mgd = _train(ctx, "student", cfg.method, then)
-    if mgd:
-        result.metrics["student"] = mgd
+    student, hist, wired = _train(ctx, "student", cfg.method, then)
+    if wired:
+        result.metrics["student"] = wired
     result.outputs["student"] = ctx.out_dir / "student.pt"
     result.measure["student"] = Measure(TorchRuntime(student, ctx.device, bench, output_names=task.output_names),
                                         model=student, path=result.outputs["student"])

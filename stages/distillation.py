@@ -4,8 +4,9 @@ students and the prune stage's healing.
 :func:`distillation` loads the frozen teacher, builds the MGD blocks for the configured tap
 pairs (probing the *current* student, so a pruned student gets align convs of its new widths),
 hooks the taps and returns the loss: the task's own loss, plus MGD on the tapped features,
-plus the task's logit KD term, per ``[distill] method``. The hooks are removed on exit, so
-the saved student carries none.
+plus the task's logit KD term, per ``[distill] method``, and the stream of unlabelled images
+(``[distill] unlabeled``) whose batches carry the distillation terms alone. The hooks are
+removed on exit, so the saved student carries none.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from pipeline import unlabeled
 from pipeline.run_models import load_frozen_teacher
+from pipeline.unlabeled import Unlabeled
 from stages.mgd import FeatureTap, MGDHead
 from stages.training import LossFn
+from stages.unlabeled_stream import UnlabeledStream
 
 if TYPE_CHECKING:
     from pipeline.stage import StageContext
@@ -48,15 +53,66 @@ def mgd_record(head: MGDHead | None) -> dict[str, Any]:
             "mgd_taps": head.describe()}
 
 
-@contextmanager
-def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterator[tuple[LossFn | None, MGDHead | None]]:
-    """``(loss_fn, mgd_blocks)`` for training ``student`` from the stage's `teacher` input.
+def take(out: Any, stop: int) -> Any:
+    """The first ``stop`` items of a model output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(out, torch.Tensor):
+        return out[:stop]
+    if isinstance(out, dict):
+        return {k: take(v, stop) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(take(v, stop) for v in out)
+    return out
 
-    ``method = "none"`` gives ``(None, None)``: the training loop's default task loss. The MGD
-    blocks are trainable and must be handed to the training loop as its ``extra`` modules.
+
+def _rest(out: Any, start: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[start:]
+    if isinstance(out, dict):
+        return {k: _rest(v, start) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_rest(v, start) for v in out)
+    return out
+
+
+@dataclass
+class Wiring:
+    """What a training stage needs to distil one student: the loss, the trainable MGD blocks
+    (the training loop's ``extra``), and the unlabelled stream (None without ``unlabeled``)."""
+
+    loss_fn: LossFn | None = None
+    head: MGDHead | None = None
+    unlabeled: UnlabeledStream | None = None
+    source: Unlabeled | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest records of this student's distillation: MGD taps and α, unlabelled images."""
+        return {**mgd_record(self.head), **(self.source.record() if self.source is not None else {})}
+
+
+def _stream(ctx: "StageContext") -> tuple[UnlabeledStream | None, Unlabeled | None]:
+    cfg = ctx.cfg.distill
+    source = unlabeled.load(cfg.unlabeled, ctx.data, train_fraction=cfg.train_fraction, seed=ctx.cfg.pipeline.seed,
+                            base_dir=ctx.cfg.resolve("."), transform=ctx.task.unlabeled_transform(ctx.cfg.data))
+    if source is None:
+        return None, None
+    size = cfg.unlabeled_batch_size or ctx.cfg.data.batch_size
+    log.info("unlabelled images: %d from %s, %d a step beside each labelled batch (distillation terms only)",
+             source.count, source.source, min(size, source.count))
+    return UnlabeledStream(source.dataset, size, seed=ctx.cfg.pipeline.seed,
+                           pin_memory=ctx.device.type == "cuda"), source
+
+
+@contextmanager
+def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterator[Wiring]:
+    """The :class:`Wiring` for training ``student`` from the stage's `teacher` input.
+
+    ``method = "none"`` gives an empty wiring: the training loop's default task loss, no
+    unlabelled stream (the baseline learns from labels alone). With ``[distill] unlabeled``,
+    each batch the loop hands the loss carries the unlabelled images after the labelled ones:
+    they get the distillation terms only (``mgd_unlabeled``, ``kd_unlabeled``).
     """
     if method == "none":
-        yield None, None
+        yield Wiring()
         return
     cfg, task = ctx.cfg.distill, ctx.task
     teacher = load_frozen_teacher(ctx)
@@ -72,31 +128,42 @@ def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterat
         log.info("MGD pairs %s", "; ".join(_describe_tap(t) for t in head.taps))
     use_kd = method in ("kd", "mgd+kd")
     tap_names = [f"mgd[{s}]" for s, _ in head.pairs] if head is not None and len(head.pairs) > 1 else []
+    stream, source = _stream(ctx)
 
     def loss_fn(model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any, dict]:
-        out = model(images)
+        n = task.batch_size_of(targets)  # images past the first n are unlabelled
+        extra = images.shape[0] > n
+        out_all = model(images)
+        out = take(out_all, n) if extra else out_all
         task_loss = task.loss(out, targets, cfg)
         terms = {"task": task_loss}
         with torch.no_grad():  # the teacher is a fixed target; its features feed MGD via the tap
-            t_out = teacher(images)
+            t_all = teacher(images)
         loss = task_loss
         if head is not None:
             s_feats, t_feats = s_tap.take(), t_tap.take()
+            s_lab, t_lab = [f[:n] for f in s_feats], [f[:n] for f in t_feats]
             if head.pending:  # alpha = "auto": measured on this first batch, then fixed
-                alpha = head.calibrate(s_feats, t_feats, task_loss)
+                alpha = head.calibrate(s_lab, t_lab, task_loss)
                 log.info("MGD alpha = \"auto\": %.4g (the MGD loss at the first batch = %g × the task loss %.4g)",
                          alpha, head.auto_ratio, float(task_loss.detach()))
-            parts = head.terms(s_feats, t_feats)
+            parts = head.terms(s_lab, t_lab)
             terms["mgd"] = sum(parts)
             terms.update(zip(tap_names, parts))
             loss = loss + terms["mgd"]
+            if extra:
+                terms["mgd_unlabeled"] = head([f[n:] for f in s_feats], [f[n:] for f in t_feats])
+                loss = loss + terms["mgd_unlabeled"]
         if use_kd:
-            terms["kd"] = cfg.kd.weight * task.kd_loss(out, t_out, cfg.kd)
+            terms["kd"] = cfg.kd.weight * task.kd_loss(out, take(t_all, n) if extra else t_all, cfg.kd)
             loss = loss + terms["kd"]
+            if extra:
+                terms["kd_unlabeled"] = cfg.kd.weight * task.kd_loss(_rest(out_all, n), _rest(t_all, n), cfg.kd)
+                loss = loss + terms["kd_unlabeled"]
         return loss, out, terms
 
     try:
-        yield loss_fn, head
+        yield Wiring(loss_fn, head, stream, source)
     finally:
         for tap in (s_tap, t_tap):
             if tap is not None:

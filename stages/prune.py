@@ -38,7 +38,7 @@ from pipeline.run_models import build_student, is_pruned_payload, load_student_f
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import Task, get_task
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation, mgd_record
+from stages.distillation import distillation
 from stages.training import fit, loaders, save_torch
 
 log = logging.getLogger(__name__)
@@ -189,13 +189,14 @@ def _heal(ctx: StageContext, model: nn.Module) -> tuple[list[dict[str, float]], 
     cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
     if cfg.heal_epochs == 0:
         return [], {}
-    with distillation(ctx, model, dcfg.method) as (loss_fn, head):
+    with distillation(ctx, model, dcfg.method) as wiring:
         train, val = loaders(ctx, ctx.cfg.distill.train_fraction)
         history = fit(model, train_loader=train, val_loader=val, optim=dcfg, device=ctx.device,
                       checkpoint=ctx.resume_file("heal.checkpoint.pt"), key=f"{ctx.key}:heal",
                       desc=f"heal pruned {dcfg.student} ({dcfg.method})", epochs=cfg.heal_epochs, lr=cfg.lr,
-                      task=ctx.task, num_classes=ctx.data.num_classes, loss_fn=loss_fn, extra=head)
-        return history.epochs, mgd_record(head)
+                      task=ctx.task, num_classes=ctx.data.num_classes, loss_fn=wiring.loss_fn, extra=wiring.head,
+                      unlabeled=wiring.unlabeled)
+        return history.epochs, wiring.record()
 
 
 def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:

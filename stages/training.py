@@ -31,6 +31,7 @@ from stages.cpuconv import fast_weight_grad
 if TYPE_CHECKING:
     from pipeline.stage import StageContext
     from pipeline.tasks import Task
+    from stages.unlabeled_stream import UnlabeledStream
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def fit(
     extra: nn.Module | None = None,
     then: str = "",
     checkpoint_every: float = CHECKPOINT_EVERY_S,
+    unlabeled: "UnlabeledStream | None" = None,
 ) -> History:
     """Train `model` in place; return its per-epoch history.
 
@@ -177,6 +179,9 @@ def fit(
     at most that much training.
     After the first epoch it runs, it logs how long the remaining epochs should take and when
     they should end; `then` adds what follows this model (e.g. "the baseline student follows").
+    `unlabeled`: a stream of unlabelled images; each step's labelled images are followed, in the
+    same batch, by one batch of it, and `loss_fn` (which must then be distillation's) puts only
+    distillation terms on those (the output it returns is the labelled part's).
     """
     epochs = optim.epochs if epochs is None else epochs
     peak_lr = optim.lr if lr is None else lr
@@ -221,10 +226,14 @@ def fit(
                 extra.train()
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
+            if unlabeled is not None:
+                unlabeled.start_epoch(epoch)
             loss_sum, correct, counted, seen = 0.0, 0, 0, 0
             term_sums: dict[str, float] = {}
             for batch_idx, (images, targets) in enumerate(train_loader):
                 images = images.to(device, non_blocking=True)
+                if unlabeled is not None:
+                    images = torch.cat([images, unlabeled.next().to(device, non_blocking=True)])
                 targets = task.targets_to(targets, device)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)

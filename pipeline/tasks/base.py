@@ -78,6 +78,13 @@ class Task:
         """Train / val / calibration splits (calibration from train, never val)."""
         raise NotImplementedError
 
+    def unlabeled_transform(self, cfg: "DataConfig") -> Any:
+        """PIL image → the model input (3×S×S, normalised) for ``[distill] unlabeled`` image
+        files: as this task's evaluation images are made (default: the classification transform)."""
+        from pipeline.data import eval_transform
+
+        return eval_transform(cfg)
+
     # -- models ------------------------------------------------------------------------------
     def check_arch(self, arch: str) -> None:
         """A ConfigError unless ``arch`` is a model this task can build."""

@@ -77,6 +77,21 @@ class _MAP:
         return self.coco.compute()
 
 
+class _Letterboxed:
+    """PIL image → letterboxed, normalised ``3×S×S`` tensor (a class: DataLoader workers pickle it)."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: Any) -> "torch.Tensor":
+        import torch
+
+        from pipeline.tasks.letterbox import letterbox
+
+        x, _, _ = letterbox(image, self.size)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
 class Detection(Task):
     """``(image, {boxes, labels, ...})`` items; a model returning raw head outputs (see detmodels)."""
 
@@ -127,6 +142,10 @@ class Detection(Task):
         from pipeline.tasks.detdata import load_data
 
         return load_data(cfg, seed, base_dir)
+
+    def unlabeled_transform(self, cfg: "DataConfig") -> Any:
+        """Letterboxed to ``S×S`` and normalised, as the COCO reader makes its images."""
+        return _Letterboxed(cfg.image_size, cfg.mean, cfg.std)
 
     # -- models ----------------------------------------------------------------------------
     def check_arch(self, arch: str) -> None:

@@ -81,6 +81,15 @@ class Segmentation(Task):
                  bundle.num_classes, len(bundle.train), len(bundle.val), len(bundle.calibration), bundle.image_size)
         return bundle
 
+    def unlabeled_transform(self, cfg: "DataConfig") -> Any:
+        """Resized bilinearly to ``S×S`` and normalised, as the mask-folder reader makes its images."""
+        from torchvision import transforms as T
+
+        from pipeline.data import ToRGB
+
+        s = cfg.image_size
+        return T.Compose([ToRGB(), T.Resize((s, s)), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
     def check_arch(self, arch: str) -> None:
         from pipeline.tasks.segmodels import check_seg_arch
 
