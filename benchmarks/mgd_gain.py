@@ -32,7 +32,8 @@ from pipeline.ui import console, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 # "mgd+init": MGD with `init_student` (the student starts from the teacher's neck and head).
-METHODS = ("none", "kd", "mgd", "mgd+kd", "mgd+init")
+# "+u": the same method with the unlabelled stream (`[distill] unlabeled`, from --unlabeled).
+METHODS = ("none", "kd", "mgd", "mgd+kd", "mgd+init", "kd+u", "mgd+u", "mgd+kd+u", "mgd+init+u")
 # Per task: the config, the methods compared and the seeds, unless given on the command line.
 DEFAULTS = {
     "classification": (ROOT / "pipeline.toml", ("none", "mgd"), [0, 1, 2, 3, 4]),
@@ -44,6 +45,16 @@ DEFAULTS = {
 def _stats(xs: list[float]) -> str:
     std = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.mean(xs) * 100:6.2f} ± {std * 100:4.2f}"
+
+
+def _detectable(se: float, n: int) -> float:
+    """The smallest paired gain this many seeds detect: two-sided 5% test at 80% power,
+    (t₀.₉₇₅ + t₀.₈₀) × SE with n − 1 degrees of freedom."""
+    if n < 2:
+        return float("nan")
+    from scipy import stats
+
+    return (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * se
 
 
 def _args() -> argparse.Namespace:
@@ -68,13 +79,23 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--train-images", type=int, default=None, help="scenes: training scenes")
     ap.add_argument("--small-input", choices=["auto", "on", "off"], default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    ap.add_argument("--unlabeled", default=None,
+                    help="[distill] unlabeled for the '+u' methods (\"rest\" or a folder); with it and no --methods: "
+                         "none, kd, mgd, mgd+kd with and without the stream")
+    ap.add_argument("--dev", type=float, default=None,
+                    help="data.dev_fraction: evaluate on this share of the training split (a development split), "
+                         "never on the evaluation images")
     ap.add_argument("--workdir", default=None,
                     help="keep the runs here (default: a temporary folder); a later call with the same teacher "
                          "settings and seeds re-uses the trained teachers")
     args = ap.parse_args()
     path, methods, seeds = DEFAULTS[args.task]
     args.config = args.config or str(path)
+    if args.unlabeled and not args.methods:
+        methods = ("none", "kd", "mgd", "mgd+kd", "kd+u", "mgd+u", "mgd+kd+u")
     args.methods = args.methods or list(methods)
+    if any(m.endswith("+u") for m in args.methods) and not args.unlabeled:
+        ap.error("the '+u' methods need --unlabeled")
     args.seeds = args.seeds or seeds
     return args
 
@@ -94,7 +115,12 @@ def _config(base: config.Config, args: argparse.Namespace, tmp: str, seed: int, 
                               ("distill", "lr", args.student_lr)):
         if value is not None:
             raw[table][key] = value
-    raw["distill"].update(method=method.removesuffix("+init"), baseline=False)
+    stream = method.endswith("+u")
+    method = method.removesuffix("+u")
+    raw["distill"].update(method=method.removesuffix("+init"), baseline=False,
+                          unlabeled=args.unlabeled if stream else "")
+    if args.dev is not None:
+        raw["data"]["dev_fraction"] = args.dev
     if base.pipeline.task == "detection":
         raw["distill"]["init_student"] = method.endswith("+init")
     mgd = raw["distill"]["mgd"]
@@ -139,10 +165,13 @@ def main() -> None:
         what += f", train share {args.train_share}"
     if d["distill"]["train_fraction"] < 1:
         what += f", students train on {d['distill']['train_fraction']:g} of it"
+    if args.unlabeled:
+        what += f", '+u': distilling on unlabeled = {args.unlabeled!r} too"
+    what += f", evaluated on {'a development split of ' + str(args.dev) + ' of train' if args.dev else 'val'}"
     print(f"\n{d['teacher']['arch']} -> {d['distill']['student']} ({base.pipeline.task}, {what}); "
           f"teacher {d['teacher']['epochs']} ep ({d['teacher']['optimizer']} lr {d['teacher']['lr']}), "
           f"students {d['distill']['epochs']} ep ({d['distill']['optimizer']} lr {d['distill']['lr']}); "
-          f"MGD α {d['distill']['mgd']['alpha']:g} λ {d['distill']['mgd']['mask_ratio']} {d['distill']['mgd']['mask']} mask "
+          f"MGD α {d['distill']['mgd']['alpha']} λ {d['distill']['mgd']['mask_ratio']} {d['distill']['mgd']['mask']} mask "
           f"on {d['distill']['mgd']['student_layers']}; device {args.device}; seeds {args.seeds}; "
           f"{(time.perf_counter() - t_start) / 60:.1f} min")
     seeds = args.seeds
@@ -154,7 +183,8 @@ def main() -> None:
         if m != "none" and "none" in score:
             diffs = [score[m][s] - score["none"][s] for s in seeds]
             se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            gain = _stats(diffs) + f" (SE {se * 100:.2f}; {sum(x > 0 for x in diffs)}/{len(diffs)} seeds up)"
+            gain = (_stats(diffs) + f" (SE {se * 100:.2f}; {sum(x > 0 for x in diffs)}/{len(diffs)} seeds up; "
+                    f"detectable ≥ {_detectable(se, len(diffs)) * 100:.2f})")
         print(f"{m if m != 'none' else 'baseline':16s} {per:40s} {_stats([score[m][s] for s in seeds]):>14s} {gain:>30s}")
     if "none" in score:
         gap = [teacher[s] - score["none"][s] for s in seeds]

@@ -94,6 +94,9 @@ class DataConfig(_Section):
     train_fraction: float = Field(
         1.0, gt=0, le=1, description="Use only this share of the training split (low-data experiments)."
     )
+    dev_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this seeded share of the training split and evaluate on it instead "
+                                     "of val: a development split for choosing recipes without the evaluation images.")
     calibration_size: int = Field(
         256, ge=1, description="Images drawn from the training split for INT8 calibration (never val)."
     )

@@ -74,6 +74,21 @@ class DataBundle:
         keep = _subset_positions(labels, n, fraction, seed)
         return replace(self, train=Subset(self.train, keep.tolist()))
 
+    def with_dev_split(self, plain: "DataBundle", fraction: float, seed: int) -> "DataBundle":
+        """This bundle with a seeded, stratified ``fraction`` of its training split held out as
+        the split it evaluates on (the development split: choose recipes there, never on val).
+        ``plain`` is the same data loaded without augmentation: the held-out images are seen as
+        evaluation images are. Calibration draws from the rest of the training split."""
+        n = len(self.train)  # type: ignore[arg-type]
+        labels = _labels_of(self.train)
+        dev = _subset_positions(labels, n, fraction, seed + 1)
+        rest = np.setdiff1d(np.arange(n), dev)
+        if not len(dev) or not len(rest):
+            raise ConfigError(f"data.dev_fraction = {fraction}: the training split ({n} images) is too small to split")
+        train = _LabelledSubset(self.train, rest.tolist(), None if labels is None else labels[rest])
+        calibration = Subset(plain.train, rest[_calibration_positions(len(rest), len(self.calibration), seed)].tolist())
+        return replace(self, train=train, val=Subset(plain.train, dev.tolist()), calibration=calibration)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Model input shape without the batch axis: ``(3, S, S)``."""
@@ -293,6 +308,28 @@ def _subset_positions(labels: np.ndarray | None, n: int, fraction: float, seed: 
             pass  # too few items per class to stratify: fall back to a plain seeded subset
     rng = np.random.default_rng(seed)
     return np.sort(rng.permutation(n)[:keep])
+
+
+class _LabelledSubset(Subset):
+    """A Subset that keeps its labels visible (``targets``), so a later share stays stratified."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], labels: np.ndarray | None):
+        super().__init__(dataset, indices)
+        if labels is not None:
+            self.targets = labels.tolist()
+
+
+def load_bundle(task: Any, cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
+    """The run's dataset: ``task.load_data``, with the development split carved out of the
+    training split when ``[data] dev_fraction`` > 0."""
+    bundle = task.load_data(cfg, seed, base_dir)
+    if cfg.dev_fraction <= 0:
+        return bundle
+    plain = task.load_data(cfg.model_copy(update={"augment": False}), seed, base_dir) if cfg.augment else bundle
+    dev = bundle.with_dev_split(plain, cfg.dev_fraction, seed)
+    log.info("data: development split of %d training images replaces val (%d images) for evaluation; "
+             "%d images left to train on", len(dev.val), len(bundle.val), len(dev.train))
+    return dev
 
 
 def _calibration_positions(n_train: int, size: int, seed: int) -> np.ndarray:

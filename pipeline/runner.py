@@ -392,8 +392,9 @@ class Runner:
     def _data(self, ctx: StageContext):
         """The run's dataset for measuring (the runner's job, whatever tables the stage reads)."""
         if ctx._data is None:
-            ctx._data = get_task(self.cfg.pipeline.task).load_data(self.cfg.data, self.cfg.pipeline.seed,
-                                                                   self.cfg.resolve("."))
+            from pipeline.data import load_bundle
+
+            ctx._data = load_bundle(ctx.task, self.cfg.data, self.cfg.pipeline.seed, self.cfg.resolve("."))
         return ctx._data
 
     def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int, list[Path]]:

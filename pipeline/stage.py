@@ -141,7 +141,9 @@ class StageContext:
         """The dataset, loaded once per run and shared by every stage (reading it reads `[data]`)."""
         data_cfg = self.cfg.data
         if self._data is None:
-            self._data = self.task.load_data(data_cfg, self.cfg.pipeline.seed, self.cfg.resolve("."))
+            from pipeline.data import load_bundle
+
+            self._data = load_bundle(self.task, data_cfg, self.cfg.pipeline.seed, self.cfg.resolve("."))
         return self._data
 
 

@@ -254,3 +254,23 @@ def test_torchvision_missing_root_preflight(tmp_path):
 
     with pytest.raises(ConfigError, match="data.download = true"):
         check_data(cfg, base_dir=tmp_path)
+
+
+def test_a_development_split_replaces_val_with_held_out_training_images(tmp_path):
+    from pipeline.data import load_bundle
+    from pipeline.tasks import get_task
+
+    task = get_task("classification")
+    full = load_bundle(task, digits_cfg(calibration_size=64), 0, tmp_path)
+    dev = load_bundle(task, digits_cfg(calibration_size=64, dev_fraction=0.2), 0, tmp_path)
+    held, kept = dev.val.indices, dev.train.indices
+    assert len(held) == round(0.2 * len(full.train)) and len(kept) + len(held) == len(full.train)
+    assert not set(held) & set(kept) and not set(dev.calibration.indices) & set(held)
+    assert len(dev.calibration) == 64
+    # Seen as evaluation images: no augmentation, so an image is the same tensor every time.
+    assert torch.equal(dev.val[0][0], dev.val[0][0])
+    labels = np.array(dev.train.targets)
+    assert np.bincount(labels, minlength=10).min() > 0  # stratified, and labels kept for a later share
+    assert dev.with_train_share(0.5, 0).train.indices  # a share of the rest, still possible
+    again = load_bundle(task, digits_cfg(calibration_size=64, dev_fraction=0.2), 0, tmp_path)
+    assert again.val.indices == held  # seeded
