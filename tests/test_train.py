@@ -227,3 +227,16 @@ def test_checkpoints_are_throttled_by_time_on_short_epochs(tmp_path, tiny_model,
         checkpoint_every=20.0)
     assert saved == [1, 3, 5, 6]
     assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 6
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 2), torch.float16),
+                                               ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((8, 7), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_dtype_follows_compute_capability_not_bf16_emulation(monkeypatch, capability, dtype):
+    # V100 (7.0), Xavier (7.2) and T4 (7.5) report bf16 as supported (emulated) but cuDNN has no
+    # bf16 convolution there: fp16 with a grad scaler is the fast path.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert training._amp_dtype(torch.device("cuda", 0), True) == dtype
+    assert training._amp_dtype(torch.device("cuda", 0), False) is None
+    assert training._amp_dtype(torch.device("cpu"), True) is None
