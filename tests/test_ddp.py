@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from pipeline.config import OptimConfig
+from pipeline.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,3 +97,62 @@ def test_cli_under_torchrun(tmp_path, tiny_config):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["teacher"]["status"] == "ok" and manifest["stages"]["distill"]["status"] == "ok"
     assert "accuracy" in manifest["stages"]["distill"]["metrics"]["student"]
+
+
+# -- joining the process group (no processes started: init_process_group is recorded) --------
+
+
+@pytest.fixture
+def recorded_init(monkeypatch):
+    """`pipeline.dist.init` as torchrun's rank 1 of 2 sees it, with init_process_group and
+    torch.cuda.set_device recorded instead of run."""
+    from pipeline import dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("PIPELINE_DIST_TIMEOUT_S", raising=False)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    return dist, calls
+
+
+@pytest.mark.parametrize("device, cuda, backend", [
+    ("cpu", True, "gloo"),      # a CPU run on a GPU machine must not pick NCCL
+    ("cpu", False, "gloo"),
+    ("auto", True, "nccl"),
+    ("auto", False, "gloo"),
+    ("cuda", True, "nccl"),
+    ("cuda:1", True, "nccl"),
+    ("cuda", False, "gloo"),    # the config check then says no CUDA device is visible (exit 2)
+])
+def test_backend_follows_the_configured_device(recorded_init, monkeypatch, device, cuda, backend):
+    dist, calls = recorded_init
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert dist.init(device) is True
+    name, kw = calls[-1]
+    assert name == backend
+    # Rank 0 alone exports and measures while the others wait: far above NCCL's 10 minutes.
+    assert kw["timeout"] == dist.TIMEOUT and dist.TIMEOUT.total_seconds() >= 3600
+    if backend == "nccl":
+        assert calls[0] == ("set_device", torch.device("cuda", 1))
+        assert kw["device_id"] == torch.device("cuda", 1)
+    else:
+        assert "device_id" not in kw and len(calls) == 1
+
+
+def test_timeout_from_the_environment(recorded_init, monkeypatch):
+    dist, calls = recorded_init
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT_S", "90")
+    dist.init("cpu")
+    assert calls[-1][1]["timeout"].total_seconds() == 90
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(UserError, match="PIPELINE_DIST_TIMEOUT_S"):
+        dist.init("cpu")
+
+
+def test_single_process_joins_nothing(recorded_init, monkeypatch):
+    dist, calls = recorded_init
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.init("cuda") is False and calls == []
