@@ -240,3 +240,34 @@ def test_amp_dtype_follows_compute_capability_not_bf16_emulation(monkeypatch, ca
     assert training._amp_dtype(torch.device("cuda", 0), True) == dtype
     assert training._amp_dtype(torch.device("cuda", 0), False) is None
     assert training._amp_dtype(torch.device("cpu"), True) is None
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_uses_amp_and_channels_last(tmp_path, tiny_model, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda", 0)
+    scalers, autocasts = [], []
+    real_scaler, real_autocast = torch.amp.GradScaler, torch.autocast
+
+    def scaler(*a, **k):
+        scalers.append(a)
+        return real_scaler(*a, **k)
+
+    def autocast(*a, **k):
+        autocasts.append(k.get("dtype") if k.get("enabled", True) else None)
+        return real_autocast(*a, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    train, val = _loaders()
+    history = fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=2, lr=0.05, warmup_epochs=0),
+                  device=device, checkpoint=tmp_path / "ckpt.pt", key="k", desc="cuda")
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    assert set(autocasts) == {expected}
+    assert len(scalers) == (1 if expected == torch.float16 else 0)  # fp16 needs the grad scaler
+    assert all(e["loss"] == e["loss"] for e in history.epochs)  # finite (not NaN)
+    conv = tiny_model[0].weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state  # the resume checkpoint of a CUDA run loads without unpickling code
