@@ -24,8 +24,9 @@ from pipeline.errors import UserError
 # How long a rank waits in a collective (a barrier) before the run is aborted. NCCL's default
 # is 10 minutes and gloo's 30, but rank 0 alone exports, calibrates, builds engines and
 # measures every artifact on the whole validation split while the others wait at a barrier:
-# that can take hours on a large split. A rank that fails exits, and torchrun then stops the
-# others, so a long timeout does not make a failed run hang.
+# that can take hours on a large split. On one node a rank that fails exits and torchrun stops
+# the others, so a long timeout does not make a failed run hang; across nodes the other nodes'
+# ranks may wait out the timeout, which is why it can be set (PIPELINE_DIST_TIMEOUT_S).
 TIMEOUT = timedelta(hours=4)
 
 
