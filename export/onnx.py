@@ -276,30 +276,10 @@ def _check_dynamic_batch(runtime: OrtRuntime, images: np.ndarray, atol: float, w
     return diff
 
 
-class _FixedBatchOrtRuntime(OrtRuntime):
-    """ONNX Runtime on a model exported with a fixed batch of 1 (`[onnx] dynamic_batch = false`).
-
-    A batch of N images is run as N sequential single-image inferences, so the shared harness
-    (accuracy over the val loader, throughput at the configured batch) still applies.
-    """
-
-    def prepare(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """One input feed per image."""
-        return [super(_FixedBatchOrtRuntime, self).prepare(batch[i : i + 1]) for i in range(len(batch))]
-
-    def infer(self, prepared: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-        """The images one after another; every output of each, in order."""
-        return [self.session.run(None, feed) for feed in prepared]
-
-    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output as float32 numpy, by name, the images' results concatenated."""
-        runs = self.infer(self.prepare(batch))
-        return {n: np.concatenate([r[i] for r in runs]).astype(np.float32, copy=False)
-                for i, n in enumerate(self.output_names)}
-
-
-def _ort(path: Path, threads: int, dynamic: bool) -> OrtRuntime:
-    return OrtRuntime(path, threads=threads) if dynamic else _FixedBatchOrtRuntime(path, threads=threads)
+def _ort(path: Path, threads: int) -> OrtRuntime:
+    """ONNX Runtime on CPU. A fixed-batch export (`[onnx] dynamic_batch = false`) is run in pieces
+    of its batch and timed at it: `OrtRuntime` reads the batch from the model."""
+    return OrtRuntime(path, threads=threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,8 +336,8 @@ def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndar
                                                   output_names=task.output_names)
     # Leave torch's threads as they are.
     torch_rt = TorchRuntime(model, "cpu", threads=torch.get_num_threads(), output_names=task.output_names)
-    ort_rt = _ort(path, ctx.cfg.bench.threads, cfg.dynamic_batch)
-    batch = ctx.cfg.data.batch_size  # a fixed-batch build runs it image by image (_FixedBatchOrtRuntime)
+    ort_rt = _ort(path, ctx.cfg.bench.threads)
+    batch = ctx.cfg.data.batch_size  # a fixed-batch build runs it in pieces of its own batch
     reference = run_batches(torch_rt, images, batch)
     candidate = run_batches(ort_rt, images, batch)
     metrics: dict[str, Any] = parity_metrics(task, reference, candidate, atol=cfg.parity_atol,
@@ -471,13 +451,13 @@ def run(ctx: StageContext) -> StageResult:
     _warn_fallback(result, "onnx", build)
     result.outputs["onnx"] = path
     result.metrics["onnx"] = {**build.metrics, "source": source}
-    result.measure["onnx"] = Measure(_ort(path, threads, cfg.dynamic_batch), model=student, path=path)
+    result.measure["onnx"] = Measure(_ort(path, threads), model=student, path=path)
     faults.point("onnx-export")  # the student's file is written, the rest is not
 
     if cfg.int8:
         int8 = outputs["onnx_int8"]
         q = _build_int8(ctx, path, int8)
-        q_rt = _ort(int8, threads, cfg.dynamic_batch)
+        q_rt = _ort(int8, threads)
         q_out = run_batches(q_rt, images, ctx.cfg.data.batch_size)
         # Not a gate (INT8 is expected to move outputs): recorded so a bad calibration is visible.
         q[f"{ctx.task.agreement}_vs_fp32"] = ctx.task.parity(build.outputs, q_out).agreement
@@ -499,5 +479,5 @@ def run(ctx: StageContext) -> StageResult:
             _warn_fallback(result, "teacher_onnx", tbuild)
             result.outputs["teacher_onnx"] = tpath
             result.metrics["teacher_onnx"] = {**tbuild.metrics, "source": "teacher"}
-            result.measure["teacher_onnx"] = Measure(_ort(tpath, threads, cfg.dynamic_batch), model=teacher, path=tpath)
+            result.measure["teacher_onnx"] = Measure(_ort(tpath, threads), model=teacher, path=tpath)
     return result

@@ -14,13 +14,21 @@ TensorRT takes INT8 in two forms, and this stage writes both from one calibratio
   `TRT-<version>-EntropyCalibration2`, then `tensor: <big-endian hex of the float32 scale>`),
   for implicit quantization of the FP32 ONNX (`trtexec --int8 --calib=`). ONNX Runtime's own
   `write_calibration_table` writes `name amax` lines without the header or hex encoding, which
-  TensorRT does not read, so the cache is written here from the Q/DQ scales.
+  TensorRT does not read, so the cache is written here from the Q/DQ scales. It serves
+  TensorRT 8.x-10.x only: TensorRT 11 removed implicit INT8 (`BuilderFlag.INT8`, the
+  calibrators, `trtexec --int8 --calib`), so where TensorRT 11 is installed the cache is not
+  written and is recorded as unavailable; `trt_qdq` carries the same scales for every version.
 - `trt_engine`: a serialized engine built from `trt_qdq` with the TensorRT Python API (ONNX
   parser, strongly typed network, one optimization profile from batch 1 to the configured
-  batch), only where the `tensorrt` package and a CUDA device are present. Engines are specific
-  to the GPU and TensorRT version, so the stage always records the `trtexec` command that builds
-  the same engine on the target (a Jetson builds on the Jetson), and `build_engine_from_run`
-  builds it from a finished run directory.
+  batch, or the model's own batch when it is fixed), only where the `tensorrt` package (10.0
+  or newer) and a CUDA device are present. Engines are specific to the GPU and TensorRT
+  version, so the stage always records the `trtexec` command that builds the same engine on the
+  target (a Jetson builds on the Jetson), and `build_engine_from_run` builds it from a finished
+  run directory. A TensorRT failure (no builder for this driver, a rejected model, an engine that
+  does not load or run) is a :class:`LibraryError`: the engine is recorded as unavailable with
+  the reason and `trt_qdq` and the cache are kept.
+
+Under torchrun only rank 0 calibrates and builds; the other ranks wait at the runner's barrier.
 
 Inputs: `onnx`. Outputs: `trt_qdq` (`tensorrt/student_qdq.onnx`), `trt_calib_cache`
 (`tensorrt/calibration.cache`), `trt_engine` (`tensorrt/student.engine`, CUDA machines only).
@@ -43,6 +51,7 @@ import numpy as np
 from export.calibration import calibration_reader
 from export.head_scope import onnx_output_layers
 from export.runtimes import OrtRuntime, TensorRTRuntime
+from pipeline import dist
 from pipeline.config import ConfigError, DataConfig, TensorRTConfig
 from pipeline.errors import LibraryError, UserError
 from pipeline.manifest import ArtifactRole, Manifest, atomic_write_bytes, verify_artifact
@@ -66,6 +75,10 @@ DEFAULT_TRT_VERSION = "10.3.0"
 # trtexec's --calib reader is an entropy-calibrator-2 cache reader whatever method produced the
 # scales; the header must name that algorithm or TensorRT discards the table.
 CACHE_ALGORITHM = "EntropyCalibration2"
+# The TensorRT releases that read a calibration cache: implicit INT8 was removed in 11.0.
+CACHE_SERVES = "TensorRT 8.x-10.x (implicit INT8: trtexec --int8 --calib=); TensorRT 11 removed implicit INT8"
+# The engine build needs strongly typed networks with Q/DQ (TensorRT 10.0 and newer).
+MIN_TRT_MAJOR = 10
 # TensorRT's Q/DQ placement advice: do not quantize the outputs of weighted layers.
 _WEIGHTED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -202,6 +215,20 @@ def _version_code(version: str) -> int:
     return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
 
 
+def _major(version: str) -> int:
+    digits = "".join(ch for ch in version.split(".")[0] if ch.isdigit())
+    return int(digits or 0)
+
+
+def _cache_unusable(installed: str | None) -> str | None:
+    """Why a calibration cache means nothing to the TensorRT installed here, or None."""
+    if installed is not None and _major(installed) >= 11:
+        return (f"TensorRT {installed} has no implicit INT8 calibration (removed in 11.0, with trtexec --int8 "
+                f"--calib), so a calibration cache would be unused; trt_qdq carries the same scales as Q/DQ nodes. "
+                f"The cache serves {CACHE_SERVES.split(' (')[0]}")
+    return None
+
+
 def _installed_tensorrt() -> str | None:
     """The installed tensorrt version, or None when the package does not import here."""
     try:
@@ -240,11 +267,15 @@ def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
 def _tensorrt_missing() -> str | None:
     """Why an engine cannot be built on this machine, or None when it can."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except Exception as exc:  # noqa: BLE001 - ImportError, or OSError without an NVIDIA driver
         return f"tensorrt not installed ({type(exc).__name__}: {exc})"
     import torch
 
+    version = str(getattr(tensorrt, "__version__", "0"))
+    if _major(version) < MIN_TRT_MAJOR:
+        return (f"tensorrt {version} is too old: the engine build needs TensorRT {MIN_TRT_MAJOR}.0 or newer "
+                "(strongly typed networks)")
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
     return None
@@ -268,11 +299,14 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
                  workspace_mb: int) -> Path:
     """Build a serialized TensorRT engine from a Q/DQ ONNX and write it atomically to `engine_path`.
 
-    The network is strongly typed (the Q/DQ nodes fix every precision; TensorRT < 9 without
-    strong typing gets the INT8 builder flag instead). A dynamic batch axis gets one
-    optimization profile: min batch 1, opt and max `batch_size`, image dims `input_shape`.
-    Builds on the current CUDA device. Raises :class:`UserError` when TensorRT or CUDA is
-    absent and :class:`LibraryError`, with every parser error, when TensorRT rejects the model.
+    The network is strongly typed: the Q/DQ nodes fix every precision, so no precision builder
+    flag is set (TensorRT 11 removed them; 10.x needs the STRONGLY_TYPED creation flag, which 11
+    keeps as a no-op). A dynamic batch axis gets one optimization profile: min batch 1, opt and
+    max `batch_size`, image dims `input_shape`; a fixed batch is built as it is. Builds on the
+    current CUDA device. Raises :class:`UserError` when TensorRT (>= 10) or CUDA is absent and
+    :class:`LibraryError` when TensorRT fails: no builder (a driver older than TensorRT's CUDA
+    makes `trt.Builder` raise TypeError, NVIDIA/TensorRT#2913), a rejected model (every parser
+    error), or no engine.
     """
     missing = _tensorrt_missing()
     if missing:
@@ -281,10 +315,14 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
 
     qdq_path, engine_path = Path(qdq_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = trt.NetworkDefinitionCreationFlag
-    strongly_typed = hasattr(flags, "STRONGLY_TYPED")
-    network = builder.create_network(1 << int(flags.STRONGLY_TYPED if strongly_typed else flags.EXPLICIT_BATCH))
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as exc:  # pybind11: "factory function returned nullptr" when CUDA cannot start
+        raise LibraryError("TensorRT", f"{trt.__version__} could not create a builder ({exc}); the NVIDIA driver is "
+                           "probably older than the CUDA this TensorRT was built for (nvidia-smi shows the "
+                           "driver's CUDA version)") from exc
+    strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strong is None else 1 << int(strong))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(qdq_path)):
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -292,8 +330,6 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if not strongly_typed:
-        config.set_flag(trt.BuilderFlag.INT8)  # a weakly typed network runs Q/DQ only with INT8 enabled
     profile = None
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -307,8 +343,9 @@ def build_engine(qdq_path: Path, engine_path: Path, *, batch_size: int, input_sh
     if profile is not None:
         config.add_optimization_profile(profile)
 
-    log.info("tensorrt: building %s from %s (TensorRT %s, %s, batch 1..%d, workspace %d MiB)", engine_path.name,
-             qdq_path.name, trt.__version__, "strongly typed" if strongly_typed else "INT8 flag", batch_size, workspace_mb)
+    log.info("tensorrt: building %s from %s (TensorRT %s, strongly typed, %s, workspace %d MiB)", engine_path.name,
+             qdq_path.name, trt.__version__, f"batch 1..{batch_size}" if profile is not None else "fixed shape",
+             workspace_mb)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise LibraryError("TensorRT", f"it could not build an engine from {qdq_path.name} (see the TensorRT log above)")
@@ -387,6 +424,13 @@ def run(ctx: StageContext) -> StageResult:
     cfg: TensorRTConfig = ctx.cfg.tensorrt
     source = ctx.inputs["onnx"]
     qdq_path, cache_path, engine_path = ctx.out_dir / QDQ_FILE, ctx.out_dir / CACHE_FILE, ctx.out_dir / ENGINE_FILE
+    installed = _installed_tensorrt()
+    cache_unusable = _cache_unusable(installed)
+    if not dist.is_main():
+        # Under torchrun rank 0 alone calibrates, builds and writes (as in the onnx stage); the
+        # runner's barrier waits for it. Every GPU building at once would race on these files.
+        return StageResult(outputs={"trt_qdq": qdq_path, **({} if cache_unusable else {"trt_calib_cache": cache_path})})
+
     input_name, dims = _graph_input(source)
     image = _input_shape(dims, ctx.data.input_shape)
     batch = ctx.cfg.data.batch_size
@@ -395,13 +439,7 @@ def run(ctx: StageContext) -> StageResult:
     import onnx
 
     scales = activation_scales(onnx.load(str(qdq_path)))
-    installed = _installed_tensorrt()
-    header_version = installed or DEFAULT_TRT_VERSION
-    atomic_write_bytes(cache_path, calibration_cache_text(scales, header_version).encode("ascii"))
-    log.info("tensorrt: %s calibration on %d images, %d activation scales -> %s, %s", cfg.calibration, images,
-             len(scales), qdq_path.name, cache_path.name)
-
-    result = StageResult(outputs={"trt_qdq": qdq_path, "trt_calib_cache": cache_path})
+    result = StageResult(outputs={"trt_qdq": qdq_path})
     result.measure["trt_qdq"] = Measure(OrtRuntime(qdq_path, threads=ctx.cfg.bench.threads), path=qdq_path)
     result.metrics["trt_qdq"] = {
         "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ",
@@ -411,23 +449,37 @@ def run(ctx: StageContext) -> StageResult:
         **({"calibration_percentile": cfg.percentile} if cfg.calibration == "percentile" else {}),
         "quantized_activations": len(scales), "latency_note": LATENCY_NOTE,
     }
-    result.metrics["trt_calib_cache"] = {
-        "tensors": len(scales), "header": f"TRT-{_version_code(header_version)}-{CACHE_ALGORITHM}",
-        "tensorrt_version": header_version,
-        "note": ("TensorRT ignores a cache whose header names another version: " +
-                 ("written for the TensorRT installed here" if installed else
-                  f"tensorrt is not installed here, so the header names {DEFAULT_TRT_VERSION}; on another release "
-                  "replace line 1 with TRT-<its version code>-EntropyCalibration2 (10.7.0 -> 100700, 8.6.1 -> 8601)")),
-    }
 
     shapes = _shape_flags(input_name, dims, image, batch)
     pool = f"--memPoolSize=workspace:{cfg.workspace_mb}M"
+    # --stronglyTyped: needed by TensorRT 10's trtexec, a deprecated no-op from 11.0 on.
     result.commands["trt_engine"] = shlex.join(
         ["trtexec", f"--onnx={_rel(qdq_path, ctx.workdir)}", "--stronglyTyped", *shapes, pool,
          f"--saveEngine={_rel(engine_path, ctx.workdir)}"])
-    result.commands["trt_calib_cache"] = shlex.join(
-        ["trtexec", f"--onnx={_rel(source, ctx.workdir)}", "--int8", f"--calib={_rel(cache_path, ctx.workdir)}", *shapes,
-         pool, f"--saveEngine={_rel(ctx.out_dir / IMPLICIT_ENGINE_FILE, ctx.workdir)}"])
+
+    if cache_unusable:
+        cache_path.unlink(missing_ok=True)  # one written for an older TensorRT would be read as this run's
+        result.unavailable["trt_calib_cache"] = cache_unusable
+        log.info("tensorrt: %s calibration on %d images, %d activation scales -> %s; trt_calib_cache not written: %s",
+                 cfg.calibration, images, len(scales), qdq_path.name, cache_unusable)
+    else:
+        header_version = installed or DEFAULT_TRT_VERSION
+        atomic_write_bytes(cache_path, calibration_cache_text(scales, header_version).encode("ascii"))
+        log.info("tensorrt: %s calibration on %d images, %d activation scales -> %s, %s", cfg.calibration, images,
+                 len(scales), qdq_path.name, cache_path.name)
+        result.outputs["trt_calib_cache"] = cache_path
+        result.metrics["trt_calib_cache"] = {
+            "tensors": len(scales), "header": f"TRT-{_version_code(header_version)}-{CACHE_ALGORITHM}",
+            "tensorrt_version": header_version, "serves": CACHE_SERVES,
+            "note": ("TensorRT ignores a cache whose header names another version: " +
+                     ("written for the TensorRT installed here" if installed else
+                      f"tensorrt is not installed here, so the header names {DEFAULT_TRT_VERSION}; on another 8.x-10.x "
+                      "release replace line 1 with TRT-<its version code>-EntropyCalibration2 (10.7.0 -> 100700, "
+                      "8.6.1 -> 8601)")),
+        }
+        result.commands["trt_calib_cache"] = shlex.join(
+            ["trtexec", f"--onnx={_rel(source, ctx.workdir)}", "--int8", f"--calib={_rel(cache_path, ctx.workdir)}",
+             *shapes, pool, f"--saveEngine={_rel(ctx.out_dir / IMPLICIT_ENGINE_FILE, ctx.workdir)}"])
 
     # An engine left by an earlier run was built from another trt_qdq: never leave it next to this one.
     engine_path.unlink(missing_ok=True)
@@ -441,17 +493,23 @@ def run(ctx: StageContext) -> StageResult:
     try:
         with torch.cuda.device(device):
             build_engine(qdq_path, engine_path, batch_size=batch, input_shape=image, workspace_mb=cfg.workspace_mb)
-    except RuntimeError as exc:
+        runtime = TensorRTRuntime(engine_path, device=device)
+        # One inference here, where a failure keeps trt_qdq and the cache, not in the runner's measurement.
+        runtime.outputs(np.zeros((runtime.static_batch or 1, *image), dtype=np.float32))
+    except RuntimeError as exc:  # LibraryError, or a CUDA error raised through torch
+        error = exc if isinstance(exc, LibraryError) else LibraryError("TensorRT", f"{type(exc).__name__}: {exc}")
         # The Q/DQ model and the cache are still valid deliverables: keep them, say loudly why
         # the engine is missing, and leave the trtexec command for a verbose retry.
-        result.unavailable["trt_engine"] = f"engine build failed: {exc}"
-        result.warnings.append(f"trt_engine: TensorRT could not build the engine: {exc}")
+        engine_path.unlink(missing_ok=True)
+        result.unavailable["trt_engine"] = f"engine build failed: {error}"
+        result.warnings.append(f"trt_engine: {error}; trt_qdq and the trtexec command are kept")
+        log.warning("tensorrt: trt_engine not built: %s", error)
         return result
     import tensorrt as trt
 
     result.outputs["trt_engine"] = engine_path
-    result.measure["trt_engine"] = Measure(TensorRTRuntime(engine_path, device=device), path=engine_path)
+    result.measure["trt_engine"] = Measure(runtime, path=engine_path)
     result.metrics["trt_engine"] = {"runtime": "tensorrt", "precision": "int8", "tensorrt_version": str(trt.__version__),
                                     "device_name": torch.cuda.get_device_name(device), "workspace_mb": cfg.workspace_mb,
-                                    "max_batch": batch}
+                                    "max_batch": runtime.max_batch}
     return result

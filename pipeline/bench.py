@@ -31,6 +31,7 @@ LATENCY_KEYS = (
     "throughput_ips",
     "batch_latency_p50_ms",
     "batch_size",
+    "batch_fixed",
     "threads",
 )
 
@@ -48,6 +49,9 @@ class Runtime(Protocol):
     output_names: tuple[str, ...]  # the keys of `outputs`, in the model's order
     device: str  # "cpu", "cuda:0", ...
     threads: int  # intra-op threads this runtime was fixed to (recorded in metrics)
+    # Optional (read with getattr, default None): `static_batch`, the only batch size a build
+    # with a fixed input batch accepts. `outputs` must then take any number of images (in pieces
+    # of that batch), and the harness times `infer` at that batch only.
 
     def prepare(self, batch: np.ndarray) -> Any:
         """Convert a float32 NCHW array to the runtime's native input."""
@@ -176,13 +180,21 @@ def latency_metrics(
 
     Batch 1 with `bench.warmup` / `bench.runs` gives the latency percentiles; the configured
     `batch_size` with at least 2 warm-up runs and `bench.batch_runs` timed runs gives the
-    throughput. Returns exactly the keys in :data:`LATENCY_KEYS`.
+    throughput. A runtime whose input batch is fixed (`static_batch`, e.g. an `[onnx]
+    dynamic_batch = false` export) accepts no other batch, so both are timed at its own batch:
+    `batch_size` then records that batch, not the configured one, and `batch_fixed` is true.
+    Returns exactly the keys in :data:`LATENCY_KEYS`.
     """
-    single = measure_latency(runtime, input_shape, 1, warmup=bench.warmup, runs=bench.runs)
+    fixed = getattr(runtime, "static_batch", None)
+    if fixed is not None and fixed != batch_size:
+        log.info("%s: the build's batch is fixed at %d, so it is timed at batch %d, not at batch_size %d",
+                 runtime.name, fixed, fixed, batch_size)
+    single = measure_latency(runtime, input_shape, fixed or 1, warmup=bench.warmup, runs=bench.runs)
     # The batched input is a new shape: backends allocate and pick kernels on its first runs,
     # so it is always warmed a little even when the user set warmup = 0.
+    batch = fixed or batch_size
     batched = measure_latency(
-        runtime, input_shape, batch_size, warmup=max(bench.warmup, 2), runs=bench.batch_runs
+        runtime, input_shape, batch, warmup=max(bench.warmup, 2), runs=bench.batch_runs
     )
     return {
         "latency_p50_ms": single.p50_ms,
@@ -190,6 +202,7 @@ def latency_metrics(
         "latency_p99_ms": single.p99_ms,
         "throughput_ips": batched.throughput_ips,
         "batch_latency_p50_ms": batched.p50_ms,
-        "batch_size": int(batch_size),
+        "batch_size": int(batch),
+        "batch_fixed": fixed is not None,
         "threads": int(runtime.threads),
     }

@@ -44,6 +44,7 @@ METRIC_UNITS: dict[str, dict[str, str]] = {
     "batch_latency_p50_ms": {"unit": "ms", "better": "lower"},
     "throughput_ips": {"unit": "images/s", "better": "higher"},
     "batch_size": {"unit": "images", "better": "none"},
+    "batch_fixed": {"unit": "flag", "better": "none"},  # true: the build accepts only batch_size (its own)
     "threads": {"unit": "threads", "better": "none"},
     "params": {"unit": "count", "better": "lower"},
     "macs": {"unit": "multiply-accumulates per image", "better": "lower"},

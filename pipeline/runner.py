@@ -203,7 +203,7 @@ class Runner:
 
     def run(self) -> RunOutcome:
         """Run the selected stages; never raises for a stage failure (see the exit code)."""
-        dist.init()  # under torchrun: join the process group; rank 0 alone writes files
+        dist.init(self.cfg.pipeline.device)  # under torchrun: join the process group; rank 0 alone writes files
         preflight(self.cfg)
         # One writer per workdir; under torchrun rank 0 is the writer and holds the lock.
         lock = WorkdirLock(self.cfg.workdir) if dist.is_main() else contextlib.nullcontext()

@@ -121,9 +121,14 @@ def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype: bf16 on GPUs of compute capability 8.0 (Ampere) and newer, fp16
+    (with a grad scaler) below, None (fp32) on the CPU or when AMP is off."""
     if not enabled or device.type != "cuda":
         return None  # autocast on CPU is slower than fp32 for these convnets
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Not torch.cuda.is_bf16_supported(): it counts emulation and is true on T4, V100 and
+    # Xavier, where cuDNN has no bf16 convolution kernels; fp16 is the fast kind there.
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def task_loss(task: "Task", optim: OptimConfig) -> LossFn:

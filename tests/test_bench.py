@@ -174,10 +174,11 @@ def test_latency_metrics_keys_threads_and_runs(fake_clock):
         "throughput_ips",
         "batch_latency_p50_ms",
         "batch_size",
+        "batch_fixed",
         "threads",
     }
     assert metrics["threads"] == 5
-    assert metrics["batch_size"] == 8
+    assert metrics["batch_size"] == 8 and metrics["batch_fixed"] is False
     assert metrics["latency_p50_ms"] == pytest.approx(1.0)
     assert metrics["throughput_ips"] == pytest.approx(8 / 0.001)
     assert rt.prepared_shapes == [(1, *SHAPE), (8, *SHAPE)]
@@ -264,3 +265,36 @@ def test_torch_runtime_through_harness():
     assert metrics["threads"] == 1
     assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p90_ms"] <= metrics["latency_p99_ms"]
     assert metrics["throughput_ips"] > 0
+
+
+def test_a_fixed_batch_runtime_is_timed_at_its_own_batch(fake_clock):
+    # An `[onnx] dynamic_batch = false` build accepts batch 1 only: timing it at batch_size
+    # would fail inside the runtime (or measure something it never runs).
+    rt = FakeRuntime(durations=lambda i: 0.002, clock=fake_clock)
+    rt.static_batch = 1
+    metrics = latency_metrics(rt, SHAPE, batch_size=64, bench=BenchConfig(warmup=1, runs=3, batch_runs=2))
+    assert set(metrics) == set(LATENCY_KEYS)
+    assert rt.prepared_shapes == [(1, *SHAPE), (1, *SHAPE)]
+    assert metrics["batch_size"] == 1 and metrics["batch_fixed"] is True
+    assert metrics["throughput_ips"] == pytest.approx(1 / 0.002)
+    assert metrics["batch_latency_p50_ms"] == pytest.approx(2.0)
+
+
+def test_in_pieces_pads_the_last_piece_of_a_fixed_batch():
+    from export.runtimes import in_pieces
+
+    seen = []
+
+    def run(x):
+        seen.append(len(x))
+        return {"logits": x.reshape(len(x), -1)[:, :2] * 2, "index": x[:, 0, 0, 0].copy()}
+
+    images = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)
+    out = in_pieces(run, images, 4, fixed=True)
+    assert seen == [4, 4, 4]  # 10 images: two full pieces and a padded one
+    np.testing.assert_array_equal(out["index"], images[:, 0, 0, 0])
+    np.testing.assert_array_equal(out["logits"], images.reshape(10, -1)[:, :2] * 2)
+    seen.clear()
+    assert in_pieces(run, images, 4, fixed=False)["index"].shape == (10,) and seen == [4, 4, 2]
+    seen.clear()
+    assert in_pieces(run, images, None, fixed=True)["index"].shape == (10,) and seen == [10]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from export import onnx as onnx_stage
+from export.runtimes import OrtRuntime
 from pipeline import config
 from pipeline.manifest import Manifest
 from pipeline.runner import Runner, RunOptions
@@ -188,9 +189,33 @@ def test_fixed_batch_export_runs_any_batch(tmp_path, tiny_model):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     path = tmp_path / "fixed.onnx"
     onnx_stage._publish(proto, path)
-    rt = onnx_stage._ort(path, threads=1, dynamic=False)
+    rt = onnx_stage._ort(path, threads=1)
+    assert rt.static_batch == 1 and OrtRuntime(path, threads=1).static_batch == 1
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8), dtype=np.float32)
     with torch.no_grad():
         ref = tiny_model.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(rt.outputs(x)["logits"], ref, atol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
+
+
+def test_fixed_batch_export_is_measured_at_its_own_batch(tmp_path, tiny_model):
+    """The runner's measurement of a `dynamic_batch = false` build at batch_size 64 on ONNX
+    Runtime: evaluation in pieces of batch 1, latency and throughput timed at batch 1."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.config import BenchConfig
+    from pipeline.evaluate import measure
+
+    proto, _, _ = onnx_stage._export(tiny_model, (3, 8, 8), 18, False, tmp_path, ("logits",))
+    path = tmp_path / "fixed.onnx"
+    onnx_stage._publish(proto, path)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(70, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        labels = tiny_model.eval()(images).argmax(1)  # the model's own answers: accuracy 1.0
+    metrics = measure(OrtRuntime(path, threads=1), val_loader=DataLoader(TensorDataset(images, labels), batch_size=64),
+                      input_shape=(3, 8, 8), batch_size=64, bench=BenchConfig(warmup=1, runs=3, batch_runs=2),
+                      task=get_task("classification"), num_classes=10)
+    assert metrics["accuracy"] == 1.0
+    assert metrics["batch_size"] == 1 and metrics["batch_fixed"] is True
+    assert metrics["throughput_ips"] > 0 and metrics["latency_p50_ms"] > 0

@@ -380,3 +380,25 @@ def test_cli_teacher_to_openvino(tmp_path, tiny_config, cli):
     assert rec["metrics"]["openvino_fp32"]["parity_max_abs_diff"] < 1e-3
     assert rec["metrics"]["openvino_int8"]["calibration_images"] == 32
     assert set(rec["commands"]) == set(rec["outputs"])
+
+
+def test_fixed_batch_ir_is_measured_at_its_own_batch(tmp_path, bundle, onnx_files):
+    """A `dynamic_batch = false` export on OpenVINO, measured as the runner does at the
+    configured batch_size 64: OpenVINO refuses a [64,3,8,8] input for a [1,3,8,8] model, so
+    evaluation runs in pieces of 1 and latency and throughput are timed at batch 1."""
+    from pipeline.config import BenchConfig
+    from pipeline.evaluate import measure
+    from pipeline.tasks import get_task
+
+    ctx = _ctx(tmp_path / "run", bundle, {"onnx": onnx_files["static"]}, "[openvino]\nprecisions = ['fp32']\n")
+    res = ov_stage.run(ctx)
+    static = res.measure["openvino_fp32"].runtime
+    dynamic = OpenVINORuntime(onnx_files["student"], threads=1)
+    assert static.static_batch == 1 and dynamic.static_batch is None
+    task, bench = get_task("classification"), BenchConfig(warmup=1, runs=3, batch_runs=2)
+    got = {name: measure(rt, val_loader=bundle.loader("val", 64), input_shape=bundle.input_shape, batch_size=64,
+                         bench=bench, task=task, num_classes=bundle.num_classes)
+           for name, rt in (("static", static), ("dynamic", dynamic))}
+    assert got["static"]["accuracy"] == pytest.approx(got["dynamic"]["accuracy"], abs=1e-9)
+    assert got["static"]["batch_size"] == 1 and got["static"]["batch_fixed"] is True
+    assert got["dynamic"]["batch_size"] == 64 and got["dynamic"]["batch_fixed"] is False

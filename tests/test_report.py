@@ -311,6 +311,18 @@ def test_html_report_has_every_section_with_numbers(manifest):
     assert "the teacher (96.25%) beats the baseline by only 2.00 pt" in text
 
 
+def test_a_fixed_batch_build_is_reported_at_its_own_batch(tmp_path):
+    # An `[onnx] dynamic_batch = false` export: the runner timed it at its batch of 1, not N=32.
+    data = manifest_dict()
+    fixed = _m(0.948, 0.52, size=11300000, params=2797610, macs=140_000_000, batch_ms=0.55)
+    fixed.update(batch_size=1, batch_fixed=True, throughput_ips=1 / 0.00055)
+    data["stages"]["openvino"]["metrics"]["openvino_fp32"] = fixed
+    text = " ".join(_parse(render_html(write_manifest(tmp_path / "run", data))).text)
+    assert "0.55 (N=1, fixed)" in text and "72.8 (N=32)" in text
+    assert "Fixed batch: openvino_fp32 runs only batch 1 (exported with onnx.dynamic_batch = false)" in text
+    assert "Fixed batch:" not in " ".join(_parse(render_html(write_manifest(tmp_path / "other", manifest_dict()))).text)
+
+
 def test_same_runtime_teacher_needs_the_teacher_build(manifest):
     rows = {r.name: r for r in measured_artifacts(manifest)}
     assert same_runtime_teacher("openvino_int8", rows) == "teacher_openvino_fp32"

@@ -26,7 +26,7 @@ from torch import nn
 from export import tensorrt as trt_stage
 from export.runtimes import OrtRuntime
 from pipeline import config
-from pipeline.errors import UserError
+from pipeline.errors import LibraryError, UserError
 from pipeline.data import load_data
 from pipeline.manifest import Manifest, StageRecord, artifact_record
 from pipeline.stage import REGISTRY, StageContext
@@ -302,6 +302,222 @@ def test_engine_reasons_build_engine_false_and_no_cuda(make_ctx, monkeypatch):
     assert header == "TRT-100700-EntropyCalibration2"
 
 
+def test_tensorrt_11_gets_no_calibration_cache(make_ctx, monkeypatch):
+    # TensorRT 11 removed implicit INT8 (calibrators, trtexec --int8 --calib): a cache and its
+    # command would be dead weight there, and the engine build never needed them.
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "11.1.0.106"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ctx = make_ctx()
+    stale = ctx.out_dir / "calibration.cache"
+    stale.write_text("TRT-100300-EntropyCalibration2\n")
+    result = trt_stage.run(ctx)
+    assert set(result.outputs) == {"trt_qdq"} and not stale.exists()
+    assert "removed in 11.0" in result.unavailable["trt_calib_cache"]
+    assert "TensorRT 8.x-10.x" in result.unavailable["trt_calib_cache"]
+    assert "trt_calib_cache" not in result.commands and "trt_calib_cache" not in result.metrics
+    assert result.commands["trt_engine"].startswith("trtexec --onnx=tensorrt/student_qdq.onnx")
+    assert result.unavailable["trt_engine"].startswith("no CUDA device")
+
+
+def test_cache_says_which_tensorrt_it_serves(make_ctx, no_tensorrt):
+    m = trt_stage.run(make_ctx()).metrics["trt_calib_cache"]
+    assert m["serves"] == trt_stage.CACHE_SERVES and "8.x-10.x" in m["serves"] and "11" in m["serves"]
+
+
+def test_tensorrt_older_than_10_is_a_reason_not_a_build(make_ctx, monkeypatch):
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "8.6.1"
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = trt_stage.run(make_ctx())
+    assert "too old" in result.unavailable["trt_engine"] and "10.0 or newer" in result.unavailable["trt_engine"]
+    header, _ = _parse_cache(result.outputs["trt_calib_cache"])
+    assert header == "TRT-8601-EntropyCalibration2"  # TensorRT 8.6 still reads a cache
+
+
+def _fixed_batch_onnx(tmp_path: Path) -> Path:
+    """A small CNN exported as `[onnx] dynamic_batch = false` does: input [1, 3, 8, 8]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 8, 8), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=17, dynamo=False)
+    return path
+
+
+def test_fixed_batch_onnx_is_calibrated_and_measured_at_its_batch(make_ctx, tmp_path, bundle, no_tensorrt):
+    """`[onnx] dynamic_batch = false`: trt_qdq keeps the fixed batch, the trtexec command sets no
+    shapes, and the runner's measurement on ONNX Runtime runs at batch 1, not batch_size 32."""
+    from pipeline.evaluate import measure
+    from pipeline.tasks import get_task
+
+    ctx = make_ctx()
+    ctx.inputs["onnx"].write_bytes(_fixed_batch_onnx(tmp_path).read_bytes())
+    result = trt_stage.run(ctx)
+    assert "Shapes" not in result.commands["trt_engine"] and "Shapes" not in result.commands["trt_calib_cache"]
+    runtime = result.measure["trt_qdq"].runtime
+    assert runtime.static_batch == 1
+    metrics = measure(runtime, val_loader=bundle.loader("val", 32), input_shape=bundle.input_shape, batch_size=32,
+                      bench=config.BenchConfig(warmup=1, runs=3, batch_runs=2), task=get_task("classification"),
+                      num_classes=10)
+    assert metrics["batch_size"] == 1 and metrics["batch_fixed"] is True and 0 <= metrics["accuracy"] <= 1
+
+
+# -- TensorRT failures on a machine that has it (faked here) ----------------------------------
+
+
+class _DeviceSwitch:
+    """Stands in for torch.cuda.device: records which device is current while TensorRT is called."""
+
+    def __init__(self):
+        self.current: list = []
+        self.entered: list = []
+
+    def __call__(self, device):
+        switch = self
+
+        class _Ctx:
+            def __enter__(self):
+                switch.current.append(torch.device(device))
+                switch.entered.append(torch.device(device))
+
+            def __exit__(self, *exc):
+                switch.current.pop()
+
+        return _Ctx()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA device as far as the stage's checks and device switches can tell (no kernels run)."""
+    switch = _DeviceSwitch()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", switch)
+    return switch
+
+
+def _fake_tensorrt(monkeypatch, version="10.7.0.23", **members) -> types.ModuleType:
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = version
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    fake.Logger = Logger
+    for name, value in members.items():
+        setattr(fake, name, value)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+def _no_factory(*args, **kwargs):
+    # What pybind11 raises when nvinfer's factory returns nullptr (CUDA/driver mismatch, NVIDIA/TensorRT#2913).
+    raise TypeError("pybind11::init(): factory function returned nullptr")
+
+
+def test_builder_type_error_is_a_library_error_and_keeps_trt_qdq(make_ctx, monkeypatch, fake_cuda):
+    _fake_tensorrt(monkeypatch, Builder=_no_factory)
+    ctx = make_ctx()
+    target = ctx.out_dir / "x.engine"
+    with pytest.raises(LibraryError, match="could not create a builder.*driver"):
+        trt_stage.build_engine(ctx.inputs["onnx"], target, batch_size=4, input_shape=(3, 8, 8), workspace_mb=16)
+    assert not target.exists()
+
+    result = trt_stage.run(ctx)
+    assert set(result.outputs) == {"trt_qdq", "trt_calib_cache"} and set(result.measure) == {"trt_qdq"}
+    reason = result.unavailable["trt_engine"]
+    assert reason.startswith("engine build failed: TensorRT failed:") and "nullptr" in reason
+    assert any("trt_engine" in w and "kept" in w for w in result.warnings)
+    assert result.commands["trt_engine"].startswith("trtexec ")
+    assert fake_cuda.entered == [torch.device("cuda", 0)]  # built with the stage's device current
+
+
+def test_engine_that_does_not_load_keeps_the_finished_work(make_ctx, monkeypatch, fake_cuda):
+    def fake_build(qdq, engine, **kwargs):
+        engine.write_bytes(b"serialized engine")
+        return engine
+
+    def fake_runtime(path, device):
+        raise LibraryError("TensorRT", f"10.7.0 could not load {Path(path).name}")
+
+    _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_stage, "build_engine", fake_build)
+    monkeypatch.setattr(trt_stage, "TensorRTRuntime", fake_runtime)
+    ctx = make_ctx()
+    result = trt_stage.run(ctx)
+    assert set(result.outputs) == {"trt_qdq", "trt_calib_cache"} and "trt_engine" not in result.measure
+    assert "could not load student.engine" in result.unavailable["trt_engine"]
+    assert not (ctx.out_dir / "student.engine").exists()  # nothing on disk that the manifest does not record
+
+
+def test_tensorrt_runtime_library_failures_are_named(tmp_path, monkeypatch, fake_cuda):
+    from export.runtimes import TensorRTRuntime
+
+    engine = tmp_path / "student.engine"
+    engine.write_bytes(b"engine")
+    _fake_tensorrt(monkeypatch, Runtime=_no_factory)
+    with pytest.raises(LibraryError, match="could not create a runtime on cuda:1"):
+        TensorRTRuntime(engine, device="cuda:1")
+
+    class StaleRuntime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return None  # an engine of another TensorRT version or GPU
+
+    _fake_tensorrt(monkeypatch, Runtime=StaleRuntime)
+    with pytest.raises(LibraryError, match="could not load student.engine.*rebuild"):
+        TensorRTRuntime(engine, device="cuda:1")
+    assert set(fake_cuda.entered) == {torch.device("cuda", 1)}
+
+
+def test_tensorrt_runtime_infers_on_its_engines_device(fake_cuda, monkeypatch):
+    """`pipeline.device = "cuda:1"`: the engine was loaded with cuda:1 current, so every call into
+    its execution context must run with cuda:1 current too, whatever the current device is."""
+    from export.runtimes import TensorRTRuntime
+
+    calls = []
+
+    class Context:
+        def set_input_shape(self, name, shape):
+            calls.append(("set_input_shape", fake_cuda.current[-1] if fake_cuda.current else None))
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            calls.append(("set_tensor_address", fake_cuda.current[-1] if fake_cuda.current else None))
+
+        def execute_async_v3(self, stream):
+            calls.append(("execute_async_v3", fake_cuda.current[-1] if fake_cuda.current else None))
+            return True
+
+    class Stream:
+        cuda_stream = 0
+
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            calls.append(("synchronize", fake_cuda.current[-1] if fake_cuda.current else None))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: object())
+    rt = TensorRTRuntime.__new__(TensorRTRuntime)
+    rt.path, rt._device, rt.context, rt.stream = Path("student.engine"), torch.device("cuda", 1), Context(), Stream()
+    rt.input_names, rt.output_names, rt.static_batch, rt.max_batch = ("input",), ("logits",), None, 8
+    x = torch.zeros(2, 3, 8, 8)
+    rt._outputs = {tuple(x.shape): {"logits": torch.zeros(2, 10)}}
+    assert set(rt.infer(x)) == {"logits"}
+    assert [c[0] for c in calls] == ["set_input_shape", "set_tensor_address", "set_tensor_address",
+                                     "execute_async_v3", "synchronize"]
+    assert {c[1] for c in calls} == {torch.device("cuda", 1)}
+
+
 def _finished_run(ctx, result) -> Path:
     """A manifest as the runner would leave it after the tensorrt stage."""
     manifest = Manifest(ctx.workdir)
@@ -385,3 +601,39 @@ def test_build_engine_from_run_builds(make_ctx):
     from export.runtimes import TensorRTRuntime
 
     assert TensorRTRuntime(engine).outputs(np.zeros((2, 3, 8, 8), np.float32))["logits"].shape == (2, 10)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_fixed_batch_engine_runs_any_number_of_images(make_ctx, tmp_path, bundle):
+    _require_tensorrt()
+    ctx = make_ctx()
+    ctx.inputs["onnx"].write_bytes(_fixed_batch_onnx(tmp_path).read_bytes())
+    result = trt_stage.run(ctx)
+    assert "trt_engine" not in result.unavailable, result.unavailable
+    runtime = result.measure["trt_engine"].runtime
+    assert runtime.static_batch == runtime.max_batch == 1
+    images = _val_images(bundle, 37)
+    logits = runtime.outputs(images)["logits"]
+    assert logits.shape == (37, 10)
+    ref = OrtRuntime(result.outputs["trt_qdq"], threads=1).outputs(images)["logits"]
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    from pipeline.bench import latency_metrics
+
+    timed = latency_metrics(runtime, (3, 8, 8), batch_size=32, bench=config.BenchConfig(warmup=2, runs=5, batch_runs=3))
+    assert timed["batch_size"] == 1 and timed["batch_fixed"] is True
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_engine_on_a_second_gpu(make_ctx, bundle):
+    _require_tensorrt()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (pipeline.device = 'cuda:1')")
+    ctx = dataclasses.replace(make_ctx(), device=torch.device("cuda", 1))
+    result = trt_stage.run(ctx)
+    assert "trt_engine" not in result.unavailable, result.unavailable
+    runtime = result.measure["trt_engine"].runtime
+    assert runtime.device == "cuda:1" and torch.cuda.current_device() == 0
+    out = runtime.infer(runtime.prepare(_val_images(bundle, 4)))["logits"]
+    assert out.device == torch.device("cuda", 1) and tuple(out.shape) == (4, 10)

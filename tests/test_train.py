@@ -227,3 +227,47 @@ def test_checkpoints_are_throttled_by_time_on_short_epochs(tmp_path, tiny_model,
         checkpoint_every=20.0)
     assert saved == [1, 3, 5, 6]
     assert torch.load(tmp_path / "c.pt", weights_only=True)["epoch"] == 6
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 2), torch.float16),
+                                               ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((8, 7), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_dtype_follows_compute_capability_not_bf16_emulation(monkeypatch, capability, dtype):
+    # V100 (7.0), Xavier (7.2) and T4 (7.5) report bf16 as supported (emulated) but cuDNN has no
+    # bf16 convolution there: fp16 with a grad scaler is the fast path.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert training._amp_dtype(torch.device("cuda", 0), True) == dtype
+    assert training._amp_dtype(torch.device("cuda", 0), False) is None
+    assert training._amp_dtype(torch.device("cpu"), True) is None
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_uses_amp_and_channels_last(tmp_path, tiny_model, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda", 0)
+    scalers, autocasts = [], []
+    real_scaler, real_autocast = torch.amp.GradScaler, torch.autocast
+
+    def scaler(*a, **k):
+        scalers.append(a)
+        return real_scaler(*a, **k)
+
+    def autocast(*a, **k):
+        autocasts.append(k.get("dtype") if k.get("enabled", True) else None)
+        return real_autocast(*a, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    train, val = _loaders()
+    history = fit(tiny_model, train_loader=train, val_loader=val, optim=OptimConfig(epochs=2, lr=0.05, warmup_epochs=0),
+                  device=device, checkpoint=tmp_path / "ckpt.pt", key="k", desc="cuda")
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    assert set(autocasts) == {expected}
+    assert len(scalers) == (1 if expected == torch.float16 else 0)  # fp16 needs the grad scaler
+    assert all(e["loss"] == e["loss"] for e in history.epochs)  # finite (not NaN)
+    conv = tiny_model[0].weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state  # the resume checkpoint of a CUDA run loads without unpickling code

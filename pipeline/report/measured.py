@@ -66,7 +66,7 @@ def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> S
         batch = m.get("batch_size")
         batch_ms = _lat(r, m.get("batch_latency_p50_ms"))
         if batch_ms != "—" and is_num(batch):
-            batch_ms += f" (N={int(batch)})"
+            batch_ms += f" (N={int(batch)}, fixed)" if m.get("batch_fixed") is True else f" (N={int(batch)})"
         gates = ", ".join(gate_text(g) for g in r.gates) or ("not gated (reference)" if r.reference else "—")
         if r is teacher:
             vs_teacher = "1.00× (itself)"
@@ -110,6 +110,14 @@ def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> S
         detail, title="latency detail, size and cost", row_classes=classes,
     ))
     sec.blocks.append(Para("p50/p90/p99 at batch 1; batch p50 and throughput at the configured batch N.", "note"))
+    fixed = [r for r in rows if r.metrics.get("batch_fixed") is True]
+    if fixed:
+        sizes = sorted({int(r.metrics["batch_size"]) for r in fixed if is_num(r.metrics.get("batch_size"))})
+        sec.blocks.append(Para(
+            f"Fixed batch: {', '.join(r.name for r in fixed)} {'runs' if len(fixed) == 1 else 'run'} only batch "
+            f"{' / '.join(map(str, sizes)) or '?'} (exported with onnx.dynamic_batch = false): p50/p90/p99, batch p50 "
+            "and throughput are all measured at that batch, not at the configured N, and quality was evaluated in "
+            "pieces of it.", "warn"))
     return sec
 
 
