@@ -35,7 +35,7 @@ import numpy as np
 
 from export.head_scope import openvino_output_layers
 from export.runtimes import OpenVINORuntime, OrtRuntime
-from pipeline import faults
+from pipeline import dist, faults
 from pipeline.config import ConfigError, OpenVINOConfig
 from pipeline.manifest import ArtifactRole
 from pipeline.stage import Measure, StageContext, StageResult, register
@@ -310,6 +310,12 @@ def run(ctx: StageContext) -> StageResult:
     cfg: OpenVINOConfig = ctx.cfg.openvino
     want_int8 = "int8" in cfg.precisions
     has_teacher = "teacher_onnx" in ctx.inputs
+    if not dist.is_main():
+        # Under torchrun rank 0 alone converts, quantizes and writes (as in the onnx stage); the
+        # runner's barrier waits for it. Every rank writing the same IR files would race.
+        return StageResult(outputs={name: ctx.out_dir / f"{stem}.xml" for name, stem, wanted in (
+            ("openvino_fp32", "student_fp32", True), ("openvino_int8", "student_int8", want_int8),
+            ("teacher_openvino_fp32", "teacher_fp32", has_teacher)) if wanted})
     result = StageResult(outputs={})
     stale = tuple(s for s, keep in (("student_int8", want_int8), ("teacher_fp32", has_teacher)) if not keep)
     _sweep(ctx.out_dir, stale)

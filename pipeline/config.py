@@ -139,7 +139,7 @@ class OptimConfig(_Section):
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up epochs before the cosine decay.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     grad_clip: float = Field(0.0, ge=0, description="Clip the gradients' global L2 norm at this value; 0: no clipping.")
-    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 where supported, else fp16).")
+    amp: bool = Field(True, description="Mixed precision on CUDA (bf16 at compute capability 8.0 and up, else fp16 with loss scaling).")
 
 
 def _fpn_channels() -> Any:

@@ -402,3 +402,21 @@ def test_fixed_batch_ir_is_measured_at_its_own_batch(tmp_path, bundle, onnx_file
     assert got["static"]["accuracy"] == pytest.approx(got["dynamic"]["accuracy"], abs=1e-9)
     assert got["static"]["batch_size"] == 1 and got["static"]["batch_fixed"] is True
     assert got["dynamic"]["batch_size"] == 64 and got["dynamic"]["batch_fixed"] is False
+
+
+def test_under_torchrun_only_rank_0_builds_the_ir(tmp_path, monkeypatch):
+    """A rank other than 0 returns the paths rank 0 writes and touches nothing (no race on the IR)."""
+    from export import openvino as ov_stage
+    from pipeline import config, dist
+    from pipeline.stage import StageContext
+
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    monkeypatch.setattr(ov_stage, "_convert", lambda *a: pytest.fail("rank 1 converted"))
+    cfg = config.from_dict({"pipeline": {"workdir": str(tmp_path)}})
+    ctx = StageContext(cfg=cfg, name="openvino", workdir=tmp_path, device=__import__("torch").device("cpu"), key="k",
+                       inputs={"onnx": tmp_path / "onnx" / "student.onnx", "teacher_onnx": tmp_path / "t.onnx"})
+    result = ov_stage.run(ctx)
+    assert {k: v.name for k, v in result.outputs.items()} == {
+        "openvino_fp32": "student_fp32.xml", "openvino_int8": "student_int8.xml",
+        "teacher_openvino_fp32": "teacher_fp32.xml"}
+    assert not result.measure and not any(p.exists() for p in result.outputs.values())
