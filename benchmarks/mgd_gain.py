@@ -11,6 +11,7 @@ of the per-seed differences, and how many seeds went up).
     python benchmarks/mgd_gain.py --task segmentation              # configs/scenes-segmentation.toml, 3 seeds
     python benchmarks/mgd_gain.py --task detection                 # configs/scenes-detection.toml, 3 seeds
     python benchmarks/mgd_gain.py --alpha 7e-5 3.43e-3 --seeds 0 1 2   # several alphas, one teacher per seed
+    python benchmarks/mgd_gain.py --unlabeled rest --dev 0.2 --seeds 0 1 2   # with the unlabelled stream ('+u'), on a development split
     python benchmarks/mgd_gain.py --config configs/digits.toml --train-share 0.15 --teacher-epochs 60 \
         --student-epochs 30 --alpha 7e-5 3.43e-3 --methods none kd mgd mgd+kd   # the earlier low-data digits table
 """
@@ -80,8 +81,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--small-input", choices=["auto", "on", "off"], default=None)
     ap.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     ap.add_argument("--unlabeled", default=None,
-                    help="[distill] unlabeled for the '+u' methods (\"rest\" or a folder); with it and no --methods: "
-                         "none, kd, mgd, mgd+kd with and without the stream")
+                    help="[distill] unlabeled for the '+u' methods (\"rest\" or a folder; default: the config's); "
+                         "with one and no --methods: none, kd, mgd, mgd+kd with and without the stream")
     ap.add_argument("--dev", type=float, default=None,
                     help="data.dev_fraction: evaluate on this share of the training split (a development split), "
                          "never on the evaluation images")
@@ -91,11 +92,13 @@ def _args() -> argparse.Namespace:
     args = ap.parse_args()
     path, methods, seeds = DEFAULTS[args.task]
     args.config = args.config or str(path)
+    if args.unlabeled is None:  # the config's own stream, if it has one
+        args.unlabeled = config.load(args.config).distill.unlabeled or None
     if args.unlabeled and not args.methods:
         methods = ("none", "kd", "mgd", "mgd+kd", "kd+u", "mgd+u", "mgd+kd+u")
     args.methods = args.methods or list(methods)
     if any(m.endswith("+u") for m in args.methods) and not args.unlabeled:
-        ap.error("the '+u' methods need --unlabeled")
+        ap.error("the '+u' methods need --unlabeled (or a config with [distill] unlabeled)")
     args.seeds = args.seeds or seeds
     return args
 

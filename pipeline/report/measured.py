@@ -189,10 +189,15 @@ def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section
         images = ""
         if len(counts) == 1 and per_image_metric(manifest, task.metric):
             images = f", {abs(gain) * counts[0]:.0f} of {counts[0]:,} validation images"
+        stream = cfg.get("unlabeled") if isinstance(cfg, dict) else ""
+        extra = f", distilling on unlabeled = {stream!r} too" if stream else ""
         sec.blocks.append(Para(
-            f"{method.upper()} gain over the student trained alone: {fmt_pt(gain)}{unit}{images} (same budget, seed "
-            f"{rec.seed}). One seed: seed-to-seed spread is often larger than the gain, so compare methods "
-            "paired over several seeds before concluding."))
+            f"{method.upper()} gain over the student trained alone: {fmt_pt(gain)}{unit}{images} (same labelled "
+            f"batches and budget, seed {rec.seed}{extra}). One seed: seed-to-seed spread is often larger than the "
+            "gain, so compare methods paired over several seeds before concluding: "
+            f"python benchmarks/mgd_gain.py --config CONFIG{' --unlabeled ' + repr(stream) if stream else ''} "
+            "prints the paired gain, its standard error and the smallest gain the seeds could detect (the demo's "
+            "measured table is in the README)."))
     else:
         sec.blocks.append(Para("No baseline student in this run ([distill] baseline = false): the gain cannot be "
                                "measured here.", "note"))
