@@ -204,7 +204,7 @@ class PruneConfig(_Section):
     ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
     importance: Literal["magnitude", "taylor", "bn_scale"] = Field("magnitude", description="magnitude | taylor | bn_scale")
     steps: int = Field(1, ge=1, le=100, description="Iterative pruning steps.")
-    round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this.")
+    round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this; a layer narrower than round_to / (1 - ratio) keeps every channel.")
     ignore_layers: list[str] = Field([], description="Layers never pruned (the classifier head always is kept).")
     heal_epochs: int = Field(3, ge=0, le=10_000, description="MGD fine-tune epochs after pruning.")
     lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate.")

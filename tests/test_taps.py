@@ -115,9 +115,9 @@ def _demo(**changes) -> dict:
 
 
 def test_resnet18_to_mobilenet_v3_small_works_out_of_the_box(tmp_path):
-    # (Pruning is off: at the demo's ratio and round_to it would empty MobileNet's 8-channel SE
-    # layers, which its own preflight reports; taps are what this test is about.)
-    raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, prune={"enabled": False})
+    # Pruning stays on: at the demo's ratio and round_to MobileNet's 8-channel SE convs are kept
+    # whole rather than refused (tests/test_prune.py checks the pruned model).
+    raw = _demo(pipeline={"workdir": str(tmp_path / "run")})
     cfg = config.from_dict(raw, base_dir=ROOT)
     assert cfg.distill.mgd.teacher_layers == ["layer4"] and cfg.distill.mgd.student_layers == ["features"]
     runner.preflight(cfg)  # what `validate` and `run` check first: the taps pair up at the demo's input size
