@@ -254,3 +254,14 @@ def test_torchvision_missing_root_preflight(tmp_path):
 
     with pytest.raises(ConfigError, match="data.download = true"):
         check_data(cfg, base_dir=tmp_path)
+
+
+def test_an_unreadable_image_met_in_a_worker_is_still_one_line(tmp_path):
+    root = make_tree(tmp_path / "ds", n=2)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    bundle = load_data(folder_cfg(root), seed=0)
+    with pytest.raises(ConfigError) as exc:
+        for _ in bundle.loader("train", 8, num_workers=1):
+            pass
+    msg = str(exc.value)
+    assert "cannot read image" in msg and "broken.png" in msg and "\n" not in msg and "Traceback" not in msg, msg
