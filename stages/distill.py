@@ -115,6 +115,8 @@ def run(ctx: StageContext) -> StageResult:
     result.measure["student"] = Measure(TorchRuntime(student, ctx.device, bench, output_names=task.output_names),
                                         model=student, path=result.outputs["student"])
     result.history["student"] = hist
+    workers = ctx.data.workers(ctx.cfg.data.num_workers)
+    result.metrics["student"] = {"data_workers": workers}
     if with_baseline:
         baseline, bhist = _train(ctx, "student_baseline", "none")
         result.outputs["student_baseline"] = ctx.out_dir / "student_baseline.pt"
@@ -122,6 +124,7 @@ def run(ctx: StageContext) -> StageResult:
             TorchRuntime(baseline, ctx.device, bench, output_names=task.output_names), model=baseline,
             path=result.outputs["student_baseline"])
         result.history["student_baseline"] = bhist
+        result.metrics["student_baseline"] = {"data_workers": workers}
         val = ctx.data.loader("val", ctx.cfg.data.batch_size)
         n = ctx.data.num_classes
         teacher_q = evaluate_module(load_frozen_teacher(ctx), val, ctx.device, task, n)[task.metric]

@@ -310,6 +310,7 @@ def run(ctx: StageContext) -> StageResult:
         "ratio": cfg.ratio, "importance": cfg.importance, "steps": cfg.steps, "round_to": cfg.round_to,
         "heal_epochs": cfg.heal_epochs, "heal_method": ctx.cfg.distill.method if cfg.heal_epochs else "none",
         "kept_whole": [name for name, _ in too_narrow(student, ignored_modules(student, cfg, task), cfg)],
+        "data_workers": ctx.data.workers(ctx.cfg.data.num_workers),
     }
     result = StageResult(
         outputs={"pruned": path},

@@ -73,6 +73,10 @@ def test_stage_records_before_and_after(pruned_run):
     assert m["size_bytes"] < 0.35 * m["size_bytes_before"]
     assert m["macs_ratio"] == pytest.approx(m["macs"] / m["macs_before"], rel=1e-6)
     assert len(rec["history"]["pruned"]) == 1  # one healing epoch recorded
+    assert m["kept_whole"] == []  # ResNet-18 has no layer under 16 channels
+    # The digits are in memory: "auto" loads them in the training process, and the records say so.
+    assert m["data_workers"] == 0 and manifest["stages"]["teacher"]["metrics"]["teacher"]["data_workers"] == 0
+    assert manifest["stages"]["distill"]["metrics"]["student"]["data_workers"] == 0
     # Both sides of the back-to-back latency measurement, so the speedup can be shown with its own figures.
     for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "batch_latency_p50_ms", "throughput_ips"):
         assert f"{key}_before" in m and f"{key}_after" in m, key
