@@ -2,9 +2,9 @@
 
 Writes N synthetic JPEGs (4 classes, `--source-size` px squares of smooth colour plus noise, a
 stand-in for photos) into a temporary ImageFolder, then drains the pipeline's own training loader
-(`stages.training.loaders`: the imagefolder training transform at `--image-size`,
-RandomResizedCrop + flip + normalise, seeded shuffling, the batch size) with `[data] num_workers
-= 0` and with the default `"auto"`, and prints images/s per pass, the median over the passes and
+(`stages.training.loaders`: the imagefolder training transform at `--image-size`, RandomResizedCrop
++ flip + normalise, seeded shuffling, the batch size, workers restarted each pass as each epoch)
+with `[data] num_workers = 0` and with the default `"auto"`, and prints images/s per pass, the median over the passes and
 the ratio. Nothing trains: this is the rate at which decoding and augmentation can feed a model,
 the ceiling a GPU step sees. On a CPU-only machine the model competes for the same cores.
 With 0 workers the transforms run in the training process, on its torch threads (all cores by

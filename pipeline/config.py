@@ -92,8 +92,8 @@ class DataConfig(_Section):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes per training loader (0: load in the training process); "
                             "auto: 0 for the in-memory sources (digits, scenes), else min(8, available CPUs // "
-                            "torchrun ranks per node - 1). Kept between epochs, pinned memory on CUDA. "
-                            "Augmentation draws depend on the count: set a number to repeat a run elsewhere.",
+                            "torchrun ranks per node - 1). Pinned memory on CUDA. Augmentation draws depend on the count: "
+                            "set a number to repeat a run on another machine.",
     )
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: share of images held out for evaluation.")
     train_fraction: float = Field(
