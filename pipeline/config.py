@@ -89,7 +89,12 @@ class DataConfig(_Section):
     download: bool = Field(False, description="torchvision: allow downloading the dataset (needs a network).")
     image_size: int = Field(32, ge=8, le=1024, description="Square input side in pixels.")
     batch_size: int = Field(64, ge=1, le=4096, description="Training batch size; also the 'configured batch' for throughput; unset: the task's recipe.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes per training loader (0: load in the training process); "
+                            "auto: 0 for the in-memory sources (digits, scenes), else min(8, available CPUs // "
+                            "torchrun ranks per node - 1). Pinned memory on CUDA. Augmentation draws depend on the count: "
+                            "set a number to repeat a run on another machine.",
+    )
     val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: share of images held out for evaluation.")
     train_fraction: float = Field(
         1.0, gt=0, le=1, description="Use only this share of the training split (low-data experiments)."
@@ -103,6 +108,13 @@ class DataConfig(_Section):
     augment: bool = Field(True, description="Random crop/flip augmentation for the training split.")
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (RGB).")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (RGB).")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _num_workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64):
+            return v
+        raise ValueError("must be 'auto' or a number of worker processes from 0 to 64")
 
     @model_validator(mode="after")
     def _source_needs(self) -> "DataConfig":
@@ -229,7 +241,7 @@ class PruneConfig(_Section):
     ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
     importance: Literal["magnitude", "taylor", "bn_scale"] = Field("magnitude", description="magnitude | taylor | bn_scale")
     steps: int = Field(1, ge=1, le=100, description="Iterative pruning steps.")
-    round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this.")
+    round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this; a layer narrower than round_to / (1 - ratio) keeps every channel.")
     ignore_layers: list[str] = Field([], description="Layers never pruned (the classifier head always is kept).")
     heal_epochs: int = Field(3, ge=0, le=10_000, description="MGD fine-tune epochs after pruning.")
     lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate; unset: the task's recipe (heal_lr).")

@@ -10,6 +10,10 @@ Three classification sources:
 The calibration split (INT8 calibration) is always a seeded subset of the *training* images
 seen through the *evaluation* transform, never evaluation images. :func:`eval_transform` is the
 one preprocessing used for val, calibration, export and runtime evaluation.
+
+:func:`resolve_workers` turns ``[data] num_workers`` into the training loaders' worker count:
+a bundle says whether its items are already in memory (``DataBundle.in_memory``: digits, the
+scene generator), where "auto" means none.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class DataBundle:
     image_size: int
     # Batches targets that are not plain tensors (detection boxes); None: torch's default.
     collate: Callable[[list], Any] | None = None
+    # Items are cut from tensors already in memory (digits, scenes): a worker process would cost
+    # more to start than it saves, so `[data] num_workers = "auto"` gives 0 (see `workers`).
+    in_memory: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +96,10 @@ class DataBundle:
         calibration = Subset(plain.train, rest[_calibration_positions(len(rest), len(self.calibration), seed)].tolist())
         return replace(self, train=train, val=Subset(plain.train, dev.tolist()), calibration=calibration)
 
+    def workers(self, setting: int | str) -> int:
+        """The DataLoader worker processes for ``[data] num_workers = setting`` (see :func:`resolve_workers`)."""
+        return resolve_workers(setting, in_memory=self.in_memory)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Model input shape without the batch axis: ``(3, S, S)``."""
@@ -104,6 +115,7 @@ class DataBundle:
         num_workers: int = 0,
         drop_last: bool = False,
         pin_memory: bool = False,
+        persistent_workers: bool = False,
         sampler: Any = None,
     ) -> DataLoader:
         """A DataLoader over ``split`` (``train`` | ``val`` | ``calibration``).
@@ -111,6 +123,7 @@ class DataBundle:
         ``shuffle`` defaults to True for ``train`` only. The shuffling order (and the base seed
         of worker processes) comes from a ``torch.Generator`` seeded with ``seed``, so the same
         seed gives the same order. When ``sampler`` is given, ``shuffle`` is not passed.
+        ``persistent_workers`` keeps the worker processes between epochs (only with workers).
         """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
@@ -127,11 +140,46 @@ class DataBundle:
             generator=generator,
             collate_fn=self.collate,
         )
+        if num_workers > 0:
+            kwargs["persistent_workers"] = persistent_workers  # DataLoader refuses it without workers
         if sampler is not None:
             kwargs["sampler"] = sampler  # DataLoader refuses shuffle together with a sampler
         else:
             kwargs["shuffle"] = shuffle
         return DataLoader(dataset, **kwargs)
+
+
+# Most worker processes "auto" starts per loader (Ultralytics caps its default at 8; torchvision's
+# references default to 16): each worker holds its own copy of the dataset's Python objects.
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a batch
+    scheduler's cgroup), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | str, *, in_memory: bool, cpus: int | None = None) -> int:
+    """DataLoader worker processes per loader for ``[data] num_workers = setting``.
+
+    A number is used as given. ``"auto"``: 0 for an in-memory source (digits, scenes: items are
+    slices of tensors, cheaper than a worker's start-up), else
+    ``min(MAX_AUTO_WORKERS, cpus // local_ranks - 1)``: the CPUs available to this process
+    (``cpus``, default :func:`available_cpus`), shared by the ranks torchrun starts on this node
+    (``LOCAL_WORLD_SIZE``), less one for the training process itself; so 0 on one core, 1 on
+    two, 7 on eight, 8 from nine up.
+    """
+    if setting != "auto":
+        return int(setting)
+    if in_memory:
+        return 0
+    cpus = available_cpus() if cpus is None else cpus
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(MAX_AUTO_WORKERS, cpus // ranks - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +436,7 @@ def _load_digits(cfg: DataConfig, seed: int) -> DataBundle:
     val = DigitsDataset(images, labels, val_idx, cfg.mean, cfg.std)
     calibration = DigitsDataset(images, labels, calib_idx, cfg.mean, cfg.std)
     classes = [str(c) for c in digits.target_names]
-    return DataBundle(train=train, val=val, calibration=calibration, classes=classes, image_size=s)
+    return DataBundle(train=train, val=val, calibration=calibration, classes=classes, image_size=s, in_memory=True)
 
 
 # --------------------------------------------------------------------------------------------

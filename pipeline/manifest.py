@@ -51,6 +51,7 @@ METRIC_UNITS: dict[str, dict[str, str]] = {
     "size_bytes": {"unit": "bytes", "better": "lower"},
     "speedup_vs_teacher": {"unit": "ratio", "better": "higher"},
     "train_seconds": {"unit": "s", "better": "lower"},
+    "data_workers": {"unit": "processes", "better": "none"},
     "val_images": {"unit": "images", "better": "none"},
 }
 

@@ -116,12 +116,12 @@ def run(ctx: StageContext) -> StageResult:
     then = (f"the baseline student follows ({cfg.epochs} epochs, task loss alone: somewhat faster)"
             if with_baseline else "")
     student, hist, wired = _train(ctx, "student", cfg.method, then)
-    if wired:
-        result.metrics["student"] = wired
     result.outputs["student"] = ctx.out_dir / "student.pt"
     result.measure["student"] = Measure(TorchRuntime(student, ctx.device, bench, output_names=task.output_names),
                                         model=student, path=result.outputs["student"])
     result.history["student"] = hist
+    workers = ctx.data.workers(ctx.cfg.data.num_workers)
+    result.metrics["student"] = {"data_workers": workers, **wired}
     if with_baseline:
         baseline, bhist, _ = _train(ctx, "student_baseline", "none")
         result.outputs["student_baseline"] = ctx.out_dir / "student_baseline.pt"
@@ -129,6 +129,7 @@ def run(ctx: StageContext) -> StageResult:
             TorchRuntime(baseline, ctx.device, bench, output_names=task.output_names), model=baseline,
             path=result.outputs["student_baseline"])
         result.history["student_baseline"] = bhist
+        result.metrics["student_baseline"] = {"data_workers": workers}
         val = ctx.data.loader("val", ctx.cfg.data.batch_size)
         n = ctx.data.num_classes
         teacher_q = evaluate_module(load_frozen_teacher(ctx), val, ctx.device, task, n)[task.metric]

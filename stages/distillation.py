@@ -98,7 +98,10 @@ def _stream(ctx: "StageContext") -> tuple[UnlabeledStream | None, Unlabeled | No
     size = cfg.unlabeled_batch_size or ctx.cfg.data.batch_size
     log.info("unlabelled images: %d from %s, %d a step beside each labelled batch (distillation terms only)",
              source.count, source.source, min(size, source.count))
-    return UnlabeledStream(source.dataset, size, seed=ctx.cfg.pipeline.seed,
+    # A folder is decoded from files: worker processes, as for the labelled loader ("rest" is
+    # the training split's own dataset: in memory for the embedded sources).
+    workers = ctx.data.workers(ctx.cfg.data.num_workers) if source.source != unlabeled.REST else 0
+    return UnlabeledStream(source.dataset, size, seed=ctx.cfg.pipeline.seed, num_workers=workers,
                            pin_memory=ctx.device.type == "cuda"), source
 
 

@@ -6,7 +6,10 @@ the result is a smaller dense network that every runtime runs faster, not a spar
 Channel importance is `magnitude` (L2 of each channel group's weights), `taylor` (first-order
 Taylor, |w · ∂L/∂w|, from a few calibration batches) or `bn_scale` (|γ| of the BatchNorms).
 The remaining channel counts stay multiples of `round_to` (SIMD- and tensor-core-friendly); the
-task's output heads (the classifier) and the user's `ignore_layers` keep all their channels.
+task's output heads (the classifier), the user's `ignore_layers` and every layer too narrow to
+keep a single multiple of `round_to` at this ratio (the squeeze-excitation convs of MobileNetV3
+and EfficientNet at the defaults; named in the log and in `metrics["pruned"]["kept_whole"]`)
+keep all their channels.
 
 Pruning costs accuracy, so the pruned student is fine-tuned for `heal_epochs` with the task
 loss plus MGD from the teacher (Yang et al. 2022, arXiv 2205.01529): the tap layers are probed
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -77,24 +81,45 @@ def ignored_modules(model: nn.Module, cfg: PruneConfig, task: Task) -> list[nn.M
     return ignored
 
 
-def check_whole_layers(model: nn.Module, ignored: list[nn.Module], cfg: PruneConfig) -> None:
-    """Refuse a ratio / round_to that would leave a prunable layer with no channel at all.
+def too_narrow(model: nn.Module, ignored: list[nn.Module], cfg: PruneConfig) -> list[tuple[str, int]]:
+    """The prunable layers that `ratio` and `round_to` would empty, as `(name, channels)`.
 
-    Torch-Pruning rounds the channels it keeps *down* to a multiple of `round_to`, so a layer
-    narrower than `round_to / (1 - ratio)` would be removed entirely, which breaks the network.
+    Torch-Pruning keeps `int(width * (1 - ratio))` channels of a layer and rounds that *down* to a
+    multiple of `round_to`, so a layer narrower than `round_to / (1 - ratio)` would lose every
+    channel, which breaks the network: at the defaults (0.5, 8) every layer under 16 channels,
+    such as the 8-channel squeeze-excitation convs (`fc1`) of MobileNetV3 and EfficientNet.
+    :func:`make_pruner` keeps these layers whole. Layers in `ignored` (the heads, the user's
+    `ignore_layers`) are not listed. Raises :class:`ConfigError` when no prunable layer is left.
     """
     skip = {id(m) for root in ignored for m in root.modules()}
+    narrow, prunable = [], 0
     for name, m in model.named_modules():
         if id(m) in skip or not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         keep = int(width * (1 - cfg.ratio))
         keep -= keep % cfg.round_to
+        prunable += 1
         if keep <= 0:
-            raise ConfigError(
-                f"prune.ratio = {cfg.ratio} with prune.round_to = {cfg.round_to} would remove every one of the "
-                f"{width} channels of layer {name!r}; lower the ratio or round_to, or list the layer in prune.ignore_layers"
-            )
+            narrow.append((name, width))
+    if prunable and len(narrow) == prunable:
+        widest = max(narrow, key=lambda nw: nw[1])
+        raise ConfigError(
+            f"prune.ratio = {cfg.ratio} with prune.round_to = {cfg.round_to} would remove every channel of every "
+            f"prunable layer (the widest, {widest[0]!r}, has {widest[1]}; a layer needs at least "
+            f"{math.ceil(cfg.round_to / (1 - cfg.ratio))}): lower the ratio or round_to, or disable [prune]"
+        )
+    return narrow
+
+
+def _say_kept_whole(narrow: list[tuple[str, int]], cfg: PruneConfig, level: int) -> None:
+    """One log line: which layers pruning leaves whole because it would empty them, and why."""
+    if not narrow:
+        return
+    shown = ", ".join(f"{n} ({w})" for n, w in narrow[:12]) + (f" and {len(narrow) - 12} more" if len(narrow) > 12 else "")
+    log.log(level, "prune: %d layer%s kept whole (at ratio %s with round_to %d a layer needs %d channels, or pruning "
+            "would remove them all; typically squeeze-excitation convs): %s", len(narrow), "s" if len(narrow) > 1 else "",
+            cfg.ratio, cfg.round_to, math.ceil(cfg.round_to / (1 - cfg.ratio)), shown)
 
 
 def _failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -115,8 +140,11 @@ def _failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
             h.remove()
 
 
-def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str, task: Task):
-    """A Torch-Pruning `BasePruner` for `model`, after the whole-layer check.
+def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str, task: Task,
+                log_level: int = logging.INFO):
+    """A Torch-Pruning `BasePruner` for `model`: the task's heads, the user's `ignore_layers` and
+    the layers too narrow to prune at this ratio and round_to (:func:`too_narrow`, logged at
+    `log_level`) are its ignored layers, so they keep every channel.
 
     Raises :class:`LibraryError` when Torch-Pruning cannot trace the model, naming the layer
     that was running (the model and Torch-Pruning disagree: not a mistake in the config).
@@ -124,7 +152,10 @@ def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch:
     import torch_pruning as tp
 
     ignored = ignored_modules(model, cfg, task)
-    check_whole_layers(model, ignored, cfg)
+    narrow = too_narrow(model, ignored, cfg)
+    _say_kept_whole(narrow, cfg, log_level)
+    named = dict(model.named_modules())
+    ignored += [named[name] for name, _ in narrow]
     try:
         return tp.pruner.BasePruner(
             model, example, importance=_importance(cfg.importance), pruning_ratio=cfg.ratio,
@@ -227,7 +258,7 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
 
 
 def preflight(cfg) -> None:
-    """Ignored layers exist, no layer would lose every channel, and Torch-Pruning can trace the
+    """Ignored layers exist, some layer is wide enough to prune, and Torch-Pruning can trace the
     student: checked on a randomly initialised student before anything trains."""
     if not cfg.prune.enabled:
         return
@@ -235,7 +266,7 @@ def preflight(cfg) -> None:
     with torch.random.fork_rng():  # probing must not shift the run's random stream
         student = build_student(cfg, 10, weights="").eval()
         make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune,
-                    cfg.distill.student, task)
+                    cfg.distill.student, task, log_level=logging.DEBUG)  # the stage says it when it prunes
 
 
 @register("prune", order=30, inputs=("student", "teacher"), reads=("distill", "teacher", "data"),
@@ -281,6 +312,8 @@ def run(ctx: StageContext) -> StageResult:
         "ratio": cfg.ratio, "importance": cfg.importance, "steps": cfg.steps, "round_to": cfg.round_to,
         "heal_epochs": cfg.heal_epochs, "heal_method": ctx.cfg.distill.method if cfg.heal_epochs else "none",
         **heal_mgd,
+        "kept_whole": [name for name, _ in too_narrow(student, ignored_modules(student, cfg, task), cfg)],
+        "data_workers": ctx.data.workers(ctx.cfg.data.num_workers),
     }
     result = StageResult(
         outputs={"pruned": path},

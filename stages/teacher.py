@@ -63,6 +63,7 @@ def run(ctx: StageContext) -> StageResult:
         outputs={"teacher": path},
         measure={"teacher": Measure(TorchRuntime(model, ctx.device, ctx.cfg.bench.threads,
                                                  output_names=ctx.task.output_names), model=model, path=path)},
-        metrics={"teacher": {"train_seconds": history.seconds, "epochs": len(history.epochs)}},
+        metrics={"teacher": {"train_seconds": history.seconds, "epochs": len(history.epochs),
+                             "data_workers": ctx.data.workers(ctx.cfg.data.num_workers)}},
         history={"teacher": history.epochs},
     )

@@ -83,8 +83,9 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def loaders(ctx: "StageContext", train_fraction: float = 1.0) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Train and val loaders for a training stage: seeded shuffling, a DistributedSampler
-    under torchrun (each rank sees its shard), pinned memory on CUDA. ``train_fraction`` < 1
-    trains on a seeded share of the training split (the students' ``[distill] train_fraction``)."""
+    under torchrun (each rank sees its shard), ``[data] num_workers`` worker processes (resolved
+    by :meth:`DataBundle.workers`: "auto" is 0 for in-memory sources), pinned memory on CUDA. ``train_fraction`` < 1 trains on a seeded share of the training split
+    (the students' ``[distill] train_fraction``)."""
     data, seed, cfg = ctx.data.with_train_share(train_fraction, ctx.cfg.pipeline.seed), ctx.cfg.pipeline.seed, ctx.cfg.data
     sampler = None
     if dist.enabled():
@@ -95,11 +96,19 @@ def loaders(ctx: "StageContext", train_fraction: float = 1.0) -> tuple[torch.uti
     if n < 2:
         raise ConfigError(f"data: the training split has {n} image(s) (data.train_fraction = {cfg.train_fraction}, "
                           f"distill.train_fraction = {train_fraction}); training needs at least 2")
+    workers = data.workers(cfg.num_workers)
+    log.log(logging.INFO if workers else logging.DEBUG, "data loading: %d worker process%s per loader "
+            "(data.num_workers = %r)", workers, "" if workers == 1 else "es", cfg.num_workers)
+    # Workers are NOT persistent: restarted each epoch they are reseeded from the loader's
+    # generator, which the checkpoint restores, so a resumed run draws the same augmentations as
+    # an uninterrupted one. Persistent workers would carry their random streams across epochs,
+    # which no resume can replay; the restart cost ~0.1 s per epoch (benchmarks/loader_throughput.py).
+    # Pinned pages make the copy to the GPU asynchronous (fit moves batches with non_blocking=True).
+    common = dict(num_workers=workers, pin_memory=ctx.device.type == "cuda")
     # A last batch of ONE image breaks BatchNorm in training mode; drop only that one, so every
     # other dataset size trains on exactly the images it has.
-    train = data.loader("train", cfg.batch_size, seed=seed, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=ctx.device.type == "cuda", drop_last=n % cfg.batch_size == 1)
-    return train, data.loader("val", cfg.batch_size, num_workers=cfg.num_workers)
+    train = data.loader("train", cfg.batch_size, seed=seed, sampler=sampler, drop_last=n % cfg.batch_size == 1, **common)
+    return train, data.loader("val", cfg.batch_size, **common)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline import data as data_mod
+from pipeline.config import ConfigError, DataConfig, ScenesConfig
 from pipeline.data import DataBundle, check_data, eval_transform, load_data, train_transform
 
 S = 16
@@ -274,3 +275,100 @@ def test_a_development_split_replaces_val_with_held_out_training_images(tmp_path
     assert dev.with_train_share(0.5, 0).train.indices  # a share of the rest, still possible
     again = load_bundle(task, digits_cfg(calibration_size=64, dev_fraction=0.2), 0, tmp_path)
     assert again.val.indices == held  # seeded
+
+
+# ---------------------------------------------------------------------------- loader workers
+
+
+@pytest.mark.parametrize("cpus, ranks, expected", [(1, 1, 0), (2, 1, 1), (8, 1, 7), (32, 1, 8), (16, 2, 7), (2, 2, 0)])
+def test_auto_workers_rule(monkeypatch, cpus, ranks, expected):
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert data_mod.available_cpus() == cpus
+    assert data_mod.resolve_workers("auto", in_memory=False) == expected
+    assert data_mod.resolve_workers("auto", in_memory=True) == 0  # in memory: never workers
+
+
+def test_an_explicit_worker_count_wins(monkeypatch):
+    monkeypatch.setattr(data_mod, "available_cpus", lambda: 16)
+    assert data_mod.resolve_workers(3, in_memory=True) == 3
+    assert data_mod.resolve_workers(0, in_memory=False) == 0
+    assert DataConfig().num_workers == "auto"
+    with pytest.raises(ValueError, match="'auto' or a number of worker processes"):
+        DataConfig(num_workers=-1)
+
+
+def test_in_memory_sources_get_no_workers_files_do(monkeypatch, digits, tmp_path):
+    monkeypatch.setattr(data_mod, "available_cpus", lambda: 4)
+    assert digits.in_memory and digits.workers("auto") == 0
+    assert digits.with_train_share(0.5, seed=0).in_memory  # the students' share keeps the flag
+    folder = load_data(folder_cfg(make_tree(tmp_path / "ds", n=2)), seed=0)
+    assert not folder.in_memory and folder.workers("auto") == 3
+    from pipeline.tasks import get_task
+
+    small = {"image_size": 32, "scenes": ScenesConfig(train_images=4, val_images=2), "calibration_size": 2}
+    for task in ("segmentation", "detection"):
+        scenes = get_task(task).load_data(DataConfig(source="scenes", **small), seed=0, base_dir=tmp_path)
+        assert scenes.in_memory and scenes.workers("auto") == 0, task
+
+
+def test_training_loaders_feed_a_step_from_a_worker_process(tmp_path):
+    import time
+
+    from pipeline.config import from_dict
+    from pipeline.stage import StageContext
+    from stages.training import loaders
+
+    root = make_tree(tmp_path / "ds", n=3)
+    cfg = from_dict({"data": {"source": "imagefolder", "root": str(root), "image_size": S, "batch_size": 4,
+                              "num_workers": 1}, "pipeline": {"workdir": str(tmp_path / "run")}}, tmp_path)
+    ctx = StageContext(cfg=cfg, name="teacher", workdir=tmp_path, inputs={}, device=torch.device("cpu"), key="k",
+                       _data=load_data(cfg.data, seed=0, base_dir=tmp_path))
+    train, val = loaders(ctx)
+    assert train.num_workers == val.num_workers == 1 and not train.pin_memory
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t0 = time.perf_counter()
+    images, labels = next(iter(train))  # decoded and augmented in the worker
+    started = time.perf_counter() - t0
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    opt.step()
+    assert images.shape == (4, 3, S, S) and torch.isfinite(loss)
+    assert started < 10, f"a worker took {started:.1f} s to deliver its first batch"
+
+
+def test_a_resumed_epoch_draws_the_same_batches_from_workers(tmp_path):
+    # What a checkpoint restores (the loader's generator, torch's RNG) must give the next epoch's
+    # crops and order exactly, as for an uninterrupted run: true of workers restarted per epoch.
+    from pipeline.config import from_dict
+    from pipeline.stage import StageContext
+    from stages.training import loaders
+
+    root = make_tree(tmp_path / "ds", n=3)
+    cfg = from_dict({"data": {"source": "imagefolder", "root": str(root), "image_size": S, "batch_size": 4,
+                              "num_workers": 1}, "pipeline": {"workdir": str(tmp_path / "run")}}, tmp_path)
+    data = load_data(cfg.data, seed=0, base_dir=tmp_path)
+    ctx = StageContext(cfg=cfg, name="teacher", workdir=tmp_path, inputs={}, device=torch.device("cpu"), key="k",
+                       _data=data)
+    torch.manual_seed(0)
+    first, _ = loaders(ctx)
+    list(first)  # epoch 0
+    state, rng = first.generator.get_state(), torch.get_rng_state()
+    epoch1 = [x for x, _ in first]
+    resumed, _ = loaders(ctx)
+    resumed.generator.set_state(state)
+    torch.set_rng_state(rng)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, [x for x, _ in resumed], strict=True))
+
+
+def test_an_unreadable_image_met_in_a_worker_is_still_one_line(tmp_path):
+    root = make_tree(tmp_path / "ds", n=2)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    bundle = load_data(folder_cfg(root), seed=0)
+    with pytest.raises(ConfigError) as exc:
+        for _ in bundle.loader("train", 8, num_workers=1):
+            pass
+    msg = str(exc.value)
+    assert "cannot read image" in msg and "broken.png" in msg and "\n" not in msg and "Traceback" not in msg, msg

@@ -16,7 +16,7 @@ from pipeline.stage import StageContext
 from pipeline.errors import LibraryError
 from pipeline.run_models import pruned_payload, rebuild_pruned
 from pipeline.tasks import get_task
-from stages.prune import check_whole_layers, ignored_modules, make_pruner, prune_model
+from stages.prune import ignored_modules, make_pruner, prune_model, too_narrow
 
 TASK = get_task("classification")
 
@@ -73,6 +73,10 @@ def test_stage_records_before_and_after(pruned_run):
     assert m["size_bytes"] < 0.35 * m["size_bytes_before"]
     assert m["macs_ratio"] == pytest.approx(m["macs"] / m["macs_before"], rel=1e-6)
     assert len(rec["history"]["pruned"]) == 1  # one healing epoch recorded
+    assert m["kept_whole"] == []  # ResNet-18 has no layer under 16 channels
+    # The digits are in memory: "auto" loads them in the training process, and the records say so.
+    assert m["data_workers"] == 0 and manifest["stages"]["teacher"]["metrics"]["teacher"]["data_workers"] == 0
+    assert manifest["stages"]["distill"]["metrics"]["student"]["data_workers"] == 0
     # Both sides of the back-to-back latency measurement, so the speedup can be shown with its own figures.
     for key in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "batch_latency_p50_ms", "throughput_ips"):
         assert f"{key}_before" in m and f"{key}_after" in m, key
@@ -148,10 +152,45 @@ def test_unknown_ignored_layer_is_named_with_suggestion():
         ignored_modules(model, PruneConfig(ignore_layers=["layer5"]), TASK)
 
 
-def test_ratio_that_would_remove_a_whole_layer_names_it():
+def test_layers_too_narrow_for_the_ratio_are_listed_not_refused():
+    # At 0.9 a 64-channel layer keeps int(6.4) = 6 channels, rounded down to 0: kept whole instead.
     model = build_model("resnet18", 10, image_size=8)
-    with pytest.raises(ConfigError, match=r"every one of the 64 channels of layer 'conv1'"):
-        check_whole_layers(model, ignored_modules(model, PruneConfig(), TASK), PruneConfig(ratio=0.9, round_to=8))
+    cfg = PruneConfig(ratio=0.9, round_to=8)
+    narrow = dict(too_narrow(model, ignored_modules(model, cfg, TASK), cfg))
+    assert narrow["conv1"] == 64 and narrow["layer1.0.conv2"] == 64
+    assert "layer2.0.conv1" not in narrow  # 128 channels keep 8
+
+
+def test_ratio_that_would_empty_every_layer_is_a_config_error():
+    model = build_model("resnet18", 10, image_size=8)
+    cfg = PruneConfig(ratio=0.9, round_to=64)
+    with pytest.raises(ConfigError, match=r"every channel of every prunable layer \(the widest, 'layer4.0.conv1', has 512"):
+        too_narrow(model, ignored_modules(model, cfg, TASK), cfg)
+
+
+def test_mobilenet_v3_prunes_around_its_squeeze_excitation_layers(caplog):
+    # The 8-channel SE squeeze conv of features.1 would be emptied at ratio 0.5 / round_to 8:
+    # pruning keeps it whole and says so, and prunes the rest.
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small", 10, image_size=16).eval()
+    before = count_params(model)
+    with caplog.at_level("INFO", logger="stages.prune"):
+        pruner = make_pruner(model, torch.zeros(1, 3, 16, 16), PruneConfig(ratio=0.5, round_to=8),
+                             "mobilenet_v3_small", TASK)
+    pruner.step()
+    se = model.features[1].block[1]
+    assert se.fc1.out_channels == 8 and se.fc2.in_channels == 8  # kept whole
+    assert count_params(model) < 0.35 * before
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    lines = [r.getMessage() for r in caplog.records if "kept whole" in r.getMessage()]
+    assert len(lines) == 1 and "features.1.block.1.fc1 (8)" in lines[0] and "16 channels" in lines[0], lines
+
+
+def test_a_listed_layer_is_the_users_not_reported_as_too_narrow():
+    model = build_model("mobilenet_v3_small", 10, image_size=16)
+    cfg = PruneConfig(ratio=0.5, round_to=8, ignore_layers=["features.1"])
+    assert too_narrow(model, ignored_modules(model, cfg, TASK), cfg) == []
 
 
 class _InPlaceScale(nn.Module):
@@ -183,7 +222,7 @@ def test_untraceable_model_names_the_layer():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("[prune]\nenabled = true\nratio = 0.9\nround_to = 64", "would remove every one of the 64 channels"),
+    ("[prune]\nenabled = true\nratio = 0.9\nround_to = 64", "would remove every channel of every prunable layer"),
     ("[prune]\nenabled = true\nignore_layers = ['layer9']", "no layer 'layer9'"),
     ("[prune]\nenabled = true\nratio = 1.0", "prune.ratio"),
     ("[prune]\nenabled = true\nratio = 0", "prune.ratio"),

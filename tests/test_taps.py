@@ -115,21 +115,23 @@ def _demo(**changes) -> dict:
 
 
 def test_resnet18_to_mobilenet_v3_small_works_out_of_the_box(tmp_path):
-    # (Pruning is off: at the demo's ratio and round_to it would empty MobileNet's 8-channel SE
-    # layers, which its own preflight reports; taps are what this test is about.)
-    raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, prune={"enabled": False})
+    # Pruning stays on: at the demo's ratio and round_to MobileNet's 8-channel SE convs are kept
+    # whole rather than refused (tests/test_prune.py checks the pruned model).
+    raw = _demo(pipeline={"workdir": str(tmp_path / "run")})
     cfg = config.from_dict(raw, base_dir=ROOT)
     assert cfg.distill.mgd.teacher_layers == ["layer4"] and cfg.distill.mgd.student_layers == ["features"]
     runner.preflight(cfg)  # what `validate` and `run` check first: the taps pair up at the demo's input size
 
 
-def test_taps_of_different_map_sizes_say_what_to_do(tmp_path):
-    # With both stems in stride-1 "small input" mode the two last stages differ: 4×4 vs 2×2 at 32 px.
+def test_taps_of_different_map_sizes_are_paired_and_too_far_apart_refused(tmp_path):
+    # With both stems in stride-1 "small input" mode the two last stages differ: 4×4 vs 2×2 at
+    # 32 px. That pair is resampled; a pair 16-fold apart is refused, naming both models' stages.
     raw = _demo(pipeline={"workdir": str(tmp_path / "run")}, data={"image_size": 32}, teacher={"small_input": "on"},
                 distill={"small_input": "on"}, prune={"enabled": False})
-    cfg = config.from_dict(raw, base_dir=ROOT)
+    runner.preflight(config.from_dict(raw, base_dir=ROOT), create=False)
+    raw["distill"]["mgd"] = {**raw["distill"].get("mgd", {}), "teacher_layers": ["layer1"], "student_layers": ["features"]}
     with pytest.raises(ConfigError) as exc:
-        runner.preflight(cfg)
+        runner.preflight(config.from_dict(raw, base_dir=ROOT), create=False)
     msg = str(exc.value)
-    assert "student layer features outputs 2×2 but teacher layer layer4 outputs 4×4" in msg
-    assert "student stages at 4×4: features.4" in msg and "small_input" in msg
+    assert "the student's features map (576×2×2) and the teacher's layer1 map (64×32×32) differ 16-fold" in msg
+    assert "features.4" in msg and "layer4 512×4×4" in msg and "small_input" in msg

@@ -84,7 +84,7 @@ def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     n = len(plain)
     calibration = Subset(plain, sorted(torch.randperm(n, generator=g)[: min(cfg.calibration_size, n)].tolist()))
     bundle = DataBundle(train=train, val=val, calibration=calibration, classes=classes, image_size=cfg.image_size,
-                        collate=detection_collate)
+                        collate=detection_collate, in_memory=cfg.source != "coco")  # scenes: generated tensors
     boxes = sum(len(val[i][1]["boxes"]) for i in range(len(val))) if cfg.source != "coco" else None
     log.info("data %s (detection): %d classes, train %d, val %d%s, calibration %d, %d px", cfg.source, len(classes),
              len(train), len(val), f" ({boxes} boxes)" if boxes is not None else "", len(calibration), cfg.image_size)

@@ -71,7 +71,7 @@ def load_scenes(cfg: DataConfig, seed: int) -> DataBundle:
     train_set = SceneSegmentation(train.images[:keep], train.masks[:keep], cfg.mean, cfg.std)
     val_set = SceneSegmentation(val.images, val.masks, cfg.mean, cfg.std)
     return DataBundle(train=train_set, val=val_set, calibration=_calibration(train_set, cfg.calibration_size, seed),
-                      classes=list(SCENE_CLASSES), image_size=cfg.image_size)
+                      classes=list(SCENE_CLASSES), image_size=cfg.image_size, in_memory=True)
 
 
 def _mask_root(cfg: DataConfig, base_dir: Path) -> Path:
