@@ -53,24 +53,14 @@ def mgd_record(head: MGDHead | None) -> dict[str, Any]:
             "mgd_taps": head.describe()}
 
 
-def take(out: Any, stop: int) -> Any:
-    """The first ``stop`` items of a model output (a tensor, or a tuple/list/dict of them)."""
+def part(out: Any, items: slice) -> Any:
+    """Some of the images of a model output (a tensor, or a tuple/list/dict of them)."""
     if isinstance(out, torch.Tensor):
-        return out[:stop]
+        return out[items]
     if isinstance(out, dict):
-        return {k: take(v, stop) for k, v in out.items()}
+        return {k: part(v, items) for k, v in out.items()}
     if isinstance(out, (tuple, list)):
-        return type(out)(take(v, stop) for v in out)
-    return out
-
-
-def _rest(out: Any, start: int) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out[start:]
-    if isinstance(out, dict):
-        return {k: _rest(v, start) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_rest(v, start) for v in out)
+        return type(out)(part(v, items) for v in out)
     return out
 
 
@@ -137,7 +127,7 @@ def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterat
         n = task.batch_size_of(targets)  # images past the first n are unlabelled
         extra = images.shape[0] > n
         out_all = model(images)
-        out = take(out_all, n) if extra else out_all
+        out = part(out_all, slice(n)) if extra else out_all
         task_loss = task.loss(out, targets, cfg)
         terms = {"task": task_loss}
         with torch.no_grad():  # the teacher is a fixed target; its features feed MGD via the tap
@@ -158,10 +148,10 @@ def distillation(ctx: "StageContext", student: nn.Module, method: str) -> Iterat
                 terms["mgd_unlabeled"] = head([f[n:] for f in s_feats], [f[n:] for f in t_feats])
                 loss = loss + terms["mgd_unlabeled"]
         if use_kd:
-            terms["kd"] = cfg.kd.weight * task.kd_loss(out, take(t_all, n) if extra else t_all, cfg.kd)
+            terms["kd"] = cfg.kd.weight * task.kd_loss(out, part(t_all, slice(n)) if extra else t_all, cfg.kd)
             loss = loss + terms["kd"]
             if extra:
-                terms["kd_unlabeled"] = cfg.kd.weight * task.kd_loss(_rest(out_all, n), _rest(t_all, n), cfg.kd)
+                terms["kd_unlabeled"] = cfg.kd.weight * task.kd_loss(part(out_all, slice(n, None)), part(t_all, slice(n, None)), cfg.kd)
                 loss = loss + terms["kd_unlabeled"]
         return loss, out, terms
 

@@ -84,8 +84,9 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 def loaders(ctx: "StageContext", train_fraction: float = 1.0) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Train and val loaders for a training stage: seeded shuffling, a DistributedSampler
     under torchrun (each rank sees its shard), ``[data] num_workers`` worker processes (resolved
-    by :meth:`DataBundle.workers`: "auto" is 0 for in-memory sources), pinned memory on CUDA. ``train_fraction`` < 1 trains on a seeded share of the training split
-    (the students' ``[distill] train_fraction``)."""
+    by :meth:`DataBundle.workers`: "auto" is 0 for in-memory sources), pinned memory on CUDA.
+    ``train_fraction`` < 1 trains on a seeded share of the training split (the students'
+    ``[distill] train_fraction``)."""
     data, seed, cfg = ctx.data.with_train_share(train_fraction, ctx.cfg.pipeline.seed), ctx.cfg.pipeline.seed, ctx.cfg.data
     sampler = None
     if dist.enabled():
