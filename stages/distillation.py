@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pipeline import unlabeled
+from pipeline import dist, unlabeled
 from pipeline.run_models import load_frozen_teacher
 from pipeline.unlabeled import Unlabeled
 from stages.mgd import FeatureTap, MGDHead
@@ -91,7 +91,8 @@ def _stream(ctx: "StageContext") -> tuple[UnlabeledStream | None, Unlabeled | No
     # A folder is decoded from files: worker processes, as for the labelled loader ("rest" is
     # the training split's own dataset: in memory for the embedded sources).
     workers = ctx.data.workers(ctx.cfg.data.num_workers) if source.source != unlabeled.REST else 0
-    return UnlabeledStream(source.dataset, size, seed=ctx.cfg.pipeline.seed, num_workers=workers,
+    # Under torchrun each rank draws its own batches (a seed per rank), as the labelled shards differ.
+    return UnlabeledStream(source.dataset, size, seed=ctx.cfg.pipeline.seed + 7919 * dist.rank(), num_workers=workers,
                            pin_memory=ctx.device.type == "cuda"), source
 
 
