@@ -174,8 +174,7 @@ student = "fcos_resnet18_fpn"
 
 
 def _summary(manifest: dict) -> list[str]:
-    task = manifest["pipeline"].get("task", "classification")
-    metric = {"classification": "accuracy", "segmentation": "miou", "detection": "map"}.get(task, "accuracy")
+    metric = manifest["pipeline"]["task"]["metric"]  # the task's primary metric, as the manifest records it
     lines = []
     for stage, rec in manifest["stages"].items():
         for art, m in (rec.get("metrics") or {}).items():

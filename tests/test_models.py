@@ -125,3 +125,16 @@ def test_unknown_torchvision_weights_enum():
 def test_timm_without_timm():
     with pytest.raises(ConfigError, match="pip install timm"):
         check_arch("timm:resnet18")
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mnasnet0_5"])
+def test_slow_imagenet_batchnorm_momentum_is_raised_for_short_schedules(arch):
+    # torchvision builds these with momentum 0.01 / 0.0003: a few hundred steps would leave the
+    # running statistics at their initial values and the model in eval mode at chance.
+    from pipeline.models import MIN_BN_MOMENTUM, build_model
+
+    model = build_model(arch, 5, image_size=32)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.momentum >= MIN_BN_MOMENTUM for m in bns)
+    resnet = build_model("resnet18", 5, image_size=32)
+    assert all(m.momentum == 0.1 for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d))

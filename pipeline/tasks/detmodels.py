@@ -50,6 +50,7 @@ from pipeline.tasks.detpost import OUTPUT_NAMES
 from pipeline.models import (
     TORCHVISION_WEIGHTS_PREFIX,
     read_state_dict,
+    standard_bn_momentum,
     describe_mismatch,
     state_dict_mismatch,
     torchvision_state_dict,
@@ -267,7 +268,7 @@ def build_det_model(
     elif weights:
         p = Path(weights).expanduser()
         load_det_weights(model, p if p.is_absolute() else Path(base_dir) / p)
-    return model
+    return standard_bn_momentum(model, arch)
 
 
 # --------------------------------------------------------------------------------------------

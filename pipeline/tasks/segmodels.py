@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.models import (
     TORCHVISION_WEIGHTS_PREFIX,
+    standard_bn_momentum,
     read_state_dict,
     describe_mismatch,
     state_dict_mismatch,
@@ -267,7 +268,7 @@ def build_seg_model(
     elif weights:
         p = Path(weights).expanduser()
         load_seg_weights(model, p if p.is_absolute() else Path(base_dir) / p, arch=arch)
-    return model
+    return standard_bn_momentum(model, arch)
 
 
 # --------------------------------------------------------------------------------------------
