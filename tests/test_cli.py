@@ -58,7 +58,7 @@ BAD_INPUTS = {
     "prune_ratio_zero": ("[prune]\nratio = 0\n", "prune.ratio = 0"),
     "prune_ratio_one": ("[prune]\nratio = 1\n", "prune.ratio = 1"),
     "unknown_teacher_layer": ("[distill.mgd]\nteacher_layers = ['layer5']\n", "layer5"),
-    "spatial_mismatch": ("[distill.mgd]\nteacher_layers = ['layer3']\n", "same spatial size"),
+    "maps_too_far_apart": ("[distill.mgd]\nteacher_layers = ['layer1']\n", "differ 8-fold in size"),
     "layer_count_mismatch": ("[distill.mgd]\nteacher_layers = ['layer3', 'layer4']\n", "paired in order"),
     "unknown_prune_layer": ("[prune]\nenabled = true\nignore_layers = ['layer9']\n", "layer9"),
     "unknown_budget_artifact": ("[gates.latency_ms]\nopenvino_int4 = 1.0\n", "openvino_int4"),
@@ -252,7 +252,8 @@ def test_tiny_run_end_to_end(tmp_path, tiny_config, cli):
     "extra, expected",
     [
         ("[distill.mgd]\nstudent_layers = ['layer9']\n", "distill.mgd.student_layers: 'layer9'"),
-        ("[distill.mgd]\nteacher_layers = ['layer3']\n", "student layer layer4 outputs 1×1 but teacher layer layer3 outputs 2×2"),
+        ("[distill.mgd]\nteacher_layers = ['layer1']\n",
+         "the student's layer4 map (512×1×1) and the teacher's layer1 map (64×8×8) differ 8-fold in size"),
     ],
 )
 def test_mgd_layer_errors_before_anything_trains(extra, expected, tiny_config, tmp_path, capsys):
