@@ -3,7 +3,6 @@ split, one epoch), a tiny model, and helpers to run the CLI."""
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import textwrap
@@ -60,26 +59,6 @@ def merge_toml(text: str) -> str:
             tables.setdefault(current, [])
             tables[current] = [kv for kv in tables[current] if kv.split("=")[0].strip() != key] + [s]
     return "\n".join(f"{t}\n" + "\n".join(kvs) for t, kvs in tables.items()) + "\n"
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _collect_garbage_between_tests():
-    """Cyclic garbage is collected between tests, never in the middle of one.
-
-    One process runs ~800 tests that export, trace and quantize hundreds of models. Collected at
-    whatever allocation triggers it, that garbage twice crashed the interpreter (SIGSEGV inside
-    the collector, in a deepcopy of a later test); a pipeline run, one process per run, never
-    did. Collecting at test boundaries keeps the suite's results about the code under test.
-    """
-    gc.disable()
-    yield
-    gc.enable()
-
-
-@pytest.fixture(autouse=True)
-def _collect_after_each_test():
-    yield
-    gc.collect()
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """Training loaders with worker processes (`[data] num_workers`), on a tiny ImageFolder.
 
-These tests fork DataLoader workers from the test process. A pytest process that had done so
-later crashed (SIGSEGV, exit -11) when a test started a subprocess (`benchmark_app`) after
-OpenVINO had run in it; each test passes alone, and a pipeline run (one process) never did.
-This file's name sorts after every other test file, so nothing forks after it.
+Not collected on its own (no ``test_`` prefix): `tests/test_workers.py` runs it in a fresh
+pytest process. Forking DataLoader workers inside the suite's long-lived process crashed it
+(SIGSEGV, exit -11): forked after OpenVINO, ONNX Runtime and hundreds of models had run there,
+or followed by a test that started a subprocess. Each test passes alone, and a pipeline run
+(one process) with workers never crashed.
 """
 
 from __future__ import annotations
