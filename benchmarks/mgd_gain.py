@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import logging
+import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline import config
+from pipeline import config, gain_records
 from pipeline.runner import Runner, RunOptions
 from pipeline.tasks import get_task
 from pipeline.ui import console, setup_logging
@@ -58,6 +63,10 @@ def _detectable(se: float, n: int) -> float:
     return (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * se
 
 
+def _alpha(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(DEFAULTS), default="classification")
@@ -72,7 +81,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--teacher-lr", type=float, default=None, help="default: the config's")
     ap.add_argument("--student-epochs", type=int, default=None)
     ap.add_argument("--student-lr", type=float, default=None, help="default: the config's")
-    ap.add_argument("--alpha", type=float, nargs="+", default=None, help="MGD alpha(s); each runs the MGD methods")
+    ap.add_argument("--alpha", type=_alpha, nargs="+", default=None,
+                    help="MGD alpha(s), a number or \"auto\"; each runs the MGD methods")
     ap.add_argument("--mask", choices=["channel", "pixel"], default=None)
     ap.add_argument("--mask-ratio", type=float, default=None)
     ap.add_argument("--layers", nargs="+", default=None, help="tap layers (same names in teacher and student)")
@@ -87,8 +97,11 @@ def _args() -> argparse.Namespace:
                     help="data.dev_fraction: evaluate on this share of the training split (a development split), "
                          "never on the evaluation images")
     ap.add_argument("--workdir", default=None,
-                    help="keep the runs here (default: a temporary folder); a later call with the same teacher "
-                         "settings and seeds re-uses the trained teachers")
+                    help="keep the runs here (default: a temporary folder); a later call with the same settings "
+                         "and seeds re-uses the trained teachers and the students already scored (scores.json)")
+    ap.add_argument("--record", default=None,
+                    help="write the table as a JSON record here (benchmarks/results/NAME.json: the report of a run "
+                         "with the same setting shows it beside the run's own gain)")
     args = ap.parse_args()
     path, methods, seeds = DEFAULTS[args.task]
     args.config = args.config or str(path)
@@ -144,21 +157,27 @@ def main() -> None:
     metric = get_task(base.pipeline.task).metric
     alphas = args.alpha or [None]
     runs = [(m, a) for m in args.methods for a in (alphas if m.startswith("mgd") else [None])]
-    label = {r: (r[0] if r[1] is None else f"{r[0]} α={r[1]:g}") for r in runs}
+    label = {r: (r[0] if r[1] is None else f"{r[0]} α={r[1]}") for r in runs}
     score: dict[str, dict[int, float]] = {label[r]: {} for r in runs}
     teacher: dict[int, float] = {}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() if args.workdir is None else contextlib.nullcontext(args.workdir) as tmp:
+        done = _Scores(Path(tmp) / "scores.json")
         for seed in args.seeds:
             for method, alpha in runs:
                 name = label[(method, alpha)]
                 cfg = _config(base, args, tmp, seed, method, alpha)
+                key = _key(cfg, name, seed)
                 t0 = time.perf_counter()
-                out = Runner(cfg, RunOptions(until_stage="distill")).run()  # the teacher is cached per seed
-                if out.code not in (0, 3):
-                    raise SystemExit(f"seed {seed} {method}: run failed: {out.messages}")
-                teacher[seed] = out.manifest.stages["teacher"].metrics["teacher"][metric]
-                score[name][seed] = out.manifest.stages["distill"].metrics["student"][metric]
+                if key in done:  # scored by an earlier call on the same setting
+                    teacher[seed], score[name][seed] = done[key]
+                else:
+                    out = Runner(cfg, RunOptions(until_stage="distill")).run()  # the teacher is cached per seed
+                    if out.code not in (0, 3):
+                        raise SystemExit(f"seed {seed} {method}: run failed: {out.messages}")
+                    teacher[seed] = out.manifest.stages["teacher"].metrics["teacher"][metric]
+                    score[name][seed] = out.manifest.stages["distill"].metrics["student"][metric]
+                    done[key] = (teacher[seed], score[name][seed])
                 console.print(f"seed {seed} {name:16s}: {metric} {score[name][seed]:.4f} (teacher {teacher[seed]:.4f}, "
                               f"{time.perf_counter() - t0:.0f}s)")
     d = cfg.model_dump(mode="json")
@@ -168,7 +187,7 @@ def main() -> None:
         what += f", train share {args.train_share}"
     if d["distill"]["train_fraction"] < 1:
         what += f", students train on {d['distill']['train_fraction']:g} of it"
-    if args.unlabeled:
+    if any(m.endswith("+u") for m in args.methods):
         what += f", '+u': distilling on unlabeled = {args.unlabeled!r} too"
     what += f", evaluated on {'a development split of ' + str(args.dev) + ' of train' if args.dev else 'val'}"
     print(f"\n{d['teacher']['arch']} -> {d['distill']['student']} ({base.pipeline.task}, {what}); "
@@ -178,20 +197,81 @@ def main() -> None:
           f"on {d['distill']['mgd']['student_layers']}; device {args.device}; seeds {args.seeds}; "
           f"{(time.perf_counter() - t_start) / 60:.1f} min")
     seeds = args.seeds
+    rows = _table(teacher, score, seeds)
     print(f"{'method':16s} {f'{metric} % per seed':40s} {'mean ± std':>14s} {'paired gain vs baseline (pt)':>30s}")
     print(f"{'teacher':16s} {' '.join(f'{teacher[s] * 100:6.2f}' for s in seeds):40s} {_stats([teacher[s] for s in seeds]):>14s}")
-    for m in score:
+    for m, row in rows.items():
         per = " ".join(f"{score[m][s] * 100:6.2f}" for s in seeds)
         gain = ""
-        if m != "none" and "none" in score:
-            diffs = [score[m][s] - score["none"][s] for s in seeds]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            gain = (_stats(diffs) + f" (SE {se * 100:.2f}; {sum(x > 0 for x in diffs)}/{len(diffs)} seeds up; "
-                    f"detectable ≥ {_detectable(se, len(diffs)) * 100:.2f})")
+        if "gain" in row:
+            gain = (f"{row['gain'] * 100:6.2f} ± {row['gain_std'] * 100:4.2f} (SE {row['se'] * 100:.2f}; "
+                    f"{row['up']}/{len(seeds)} seeds up; detectable ≥ {row['detectable'] * 100:.2f})")
         print(f"{m if m != 'none' else 'baseline':16s} {per:40s} {_stats([score[m][s] for s in seeds]):>14s} {gain:>30s}")
     if "none" in score:
         gap = [teacher[s] - score["none"][s] for s in seeds]
         print(f"teacher ahead of the baseline student by {_stats(gap)} pt ({sum(x > 0 for x in gap)}/{len(gap)} seeds)")
+    if args.record:
+        _record(Path(args.record), base, cfg, args, metric, teacher, score, rows, what)
+        print(f"recorded in {args.record}")
+
+
+class _Scores(dict):
+    """(teacher, student) scores per run key, written to disk after every run: a call that is
+    stopped loses at most the run in progress, and a later call on the same workdir re-uses them."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        if path.is_file():
+            self.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.path.write_text(json.dumps(self, indent=0, sort_keys=True))
+
+
+def _key(cfg: config.Config, name: str, seed: int) -> str:
+    stage = cfg.model_dump(mode="json")
+    return (f"{gain_records.setting_id(cfg.pipeline.task, stage)} {name} {stage['distill']['unlabeled']!r} "
+            f"seed {seed} {cfg.pipeline.device}")
+
+
+def _table(teacher: dict[int, float], score: dict[str, dict[int, float]], seeds: list[int]) -> dict[str, dict]:
+    """Per method: mean and std over the seeds and, against the baseline, the paired gain."""
+    rows: dict[str, dict] = {}
+    for m in score:
+        xs = [score[m][s] for s in seeds]
+        row = {"per_seed": xs, "mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        if m != "none" and "none" in score:
+            diffs = [score[m][s] - score["none"][s] for s in seeds]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            row.update(gain=statistics.mean(diffs), gain_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                       se=se, up=sum(x > 0 for x in diffs), detectable=_detectable(se, len(diffs)))
+        rows[m] = row
+    return rows
+
+
+def _record(path: Path, base: config.Config, cfg: config.Config, args, metric: str, teacher, score, rows, what) -> None:
+    stage = cfg.model_dump(mode="json")
+    task = base.pipeline.task
+    methods = {}
+    for m, row in rows.items():
+        method, _, alpha = m.partition(" α=")
+        methods[method] = {
+            **row, "unlabeled": args.unlabeled if method.endswith("+u") else "", "alpha": alpha or None}
+    gain_records.write(path, {
+        "setting_id": gain_records.setting_id(task, stage), "setting": gain_records.setting(task, stage),
+        "task": task, "metric": metric, "what": what, "seeds": args.seeds,
+        "teacher": {"per_seed": [teacher[s] for s in args.seeds], "mean": statistics.mean(teacher.values())},
+        "methods": methods, "command": "python benchmarks/mgd_gain.py " + shlex.join(sys.argv[1:]),
+        "measured": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {_cores()} CPU cores",
+    })
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
 if __name__ == "__main__":
