@@ -287,7 +287,7 @@ def test_html_report_has_every_section_with_numbers(manifest):
     assert "not measured" in text and "latency_ms FAILED" not in text  # trt_engine's budget: never measured here
     # MGD gain vs the baseline and vs KD
     assert "+1.25 pt" in text and "-0.50 pt" in text  # student, student_kd vs student_baseline
-    assert "MGD gain over the student trained alone: +1.25 pt" in text
+    assert "This run's MGD gain over the student trained alone: +1.25 pt" in text
     # pruning before/after (latency: the stage's back-to-back figures, 4.38 -> 2.00 ms)
     assert "accuracy right after pruning, before healing" in text and "71.00%" in text
     assert "11.2 M" in text and "2.80 M" in text and "2.19× faster" in text
@@ -489,7 +489,7 @@ def test_segmentation_report_shows_miou_everywhere(tmp_path, monkeypatch):
     assert "| student | distillation | mIoU | Δ vs baseline | Δ vs teacher |" in md
     assert "| b0_distilled | mgd+kd | 69.50% | +1.50 pt | -1.70 pt |" in md  # the method from the distill config
     assert "| b0_alone | none (task loss only) | 68.00% | — | -3.20 pt |" in md
-    assert "MGD+KD gain over the student trained alone: +1.50 pt mIoU" in md
+    assert "This run's MGD+KD gain over the student trained alone: +1.50 pt mIoU" in md
 
     # INT8 vs FP32 in mIoU
     assert "| INT8 mIoU | FP32 mIoU | Δ mIoU |" in md
