@@ -210,8 +210,14 @@ def main() -> None:
     if "none" in score:
         gap = [teacher[s] - score["none"][s] for s in seeds]
         print(f"teacher ahead of the baseline student by {_stats(gap)} pt ({sum(x > 0 for x in gap)}/{len(gap)} seeds)")
+    shares = _shares(score, seeds)
+    if shares:
+        print("paired, method against method (what MGD or the unlabelled stream adds):")
+    for name, d in shares.items():
+        print(f"  {name:20s} {d['gain'] * 100:6.2f} ± {d['gain_std'] * 100:4.2f} pt (SE {d['se'] * 100:.2f}; "
+              f"{d['up']}/{len(seeds)} seeds up; detectable ≥ {d['detectable'] * 100:.2f})")
     if args.record:
-        _record(Path(args.record), base, cfg, args, metric, teacher, score, rows, what)
+        _record(Path(args.record), base, cfg, args, metric, teacher, score, rows, what, shares)
         print(f"recorded in {args.record}")
 
 
@@ -236,6 +242,17 @@ def _key(cfg: config.Config, name: str, seed: int) -> str:
             f"seed {seed} {cfg.pipeline.device}")
 
 
+def _paired(a: list[float], b: list[float]) -> dict:
+    """a − b paired by seed: mean and std of the differences, the standard error of the mean,
+    how many seeds went up, and the smallest gain these seeds could detect."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    std = statistics.stdev(diffs) if n > 1 else 0.0
+    se = std / n ** 0.5 if n > 1 else float("nan")
+    return {"gain": statistics.mean(diffs), "gain_std": std, "se": se, "up": sum(x > 0 for x in diffs),
+            "detectable": _detectable(se, n)}
+
+
 def _table(teacher: dict[int, float], score: dict[str, dict[int, float]], seeds: list[int]) -> dict[str, dict]:
     """Per method: mean and std over the seeds and, against the baseline, the paired gain."""
     rows: dict[str, dict] = {}
@@ -243,15 +260,26 @@ def _table(teacher: dict[int, float], score: dict[str, dict[int, float]], seeds:
         xs = [score[m][s] for s in seeds]
         row = {"per_seed": xs, "mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
         if m != "none" and "none" in score:
-            diffs = [score[m][s] - score["none"][s] for s in seeds]
-            se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            row.update(gain=statistics.mean(diffs), gain_std=statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                       se=se, up=sum(x > 0 for x in diffs), detectable=_detectable(se, len(diffs)))
+            row.update(_paired(xs, [score["none"][s] for s in seeds]))
         rows[m] = row
     return rows
 
 
-def _record(path: Path, base: config.Config, cfg: config.Config, args, metric: str, teacher, score, rows, what) -> None:
+# MGD's own share: each MGD method against the method without it, both in the table.
+_SHARES = (("mgd+kd", "kd"), ("mgd", "kd"), ("mgd+kd+u", "kd+u"), ("mgd+u", "kd+u"), ("mgd+kd+u", "mgd+kd"),
+           ("kd+u", "kd"), ("mgd+u", "mgd"))
+
+
+def _shares(score: dict[str, dict[int, float]], seeds: list[int]) -> dict[str, dict]:
+    out = {}
+    for a, b in _SHARES:
+        if a in score and b in score:
+            out[f"{a} vs {b}"] = _paired([score[a][s] for s in seeds], [score[b][s] for s in seeds])
+    return out
+
+
+def _record(path: Path, base: config.Config, cfg: config.Config, args, metric: str, teacher, score, rows, what,
+            shares) -> None:
     stage = cfg.model_dump(mode="json")
     task = base.pipeline.task
     methods = {}
@@ -263,7 +291,7 @@ def _record(path: Path, base: config.Config, cfg: config.Config, args, metric: s
         "setting_id": gain_records.setting_id(task, stage), "setting": gain_records.setting(task, stage),
         "task": task, "metric": metric, "what": what, "seeds": args.seeds,
         "teacher": {"per_seed": [teacher[s] for s in args.seeds], "mean": statistics.mean(teacher.values())},
-        "methods": methods, "command": "python benchmarks/mgd_gain.py " + shlex.join(sys.argv[1:]),
+        "methods": methods, "shares": shares, "command": "python benchmarks/mgd_gain.py " + shlex.join(sys.argv[1:]),
         "measured": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {_cores()} CPU cores",
     })
 
