@@ -63,3 +63,15 @@ def test_the_report_shows_the_paired_figure_or_the_command_that_measures_it(tmp_
     assert "std 1.14 pt, standard error 0.36 pt, 10/10 seeds up" in text and "could detect: 1.14 pt" in text
     assert text.endswith("Measured by: python benchmarks/mgd_gain.py --seeds 0 1")
 
+
+
+def test_the_demo_record_matches_the_demo_config():
+    """The committed record of the demo was measured on pipeline.toml as it is now."""
+    from pipeline import config
+    from tests.conftest import ROOT
+
+    cfg = config.load(ROOT / "pipeline.toml").model_dump(mode="json")
+    rec = json.loads((gain_records.RESULTS / "demo-classification.json").read_text())
+    assert rec["setting_id"] == gain_records.setting_id("classification", cfg)
+    found = gain_records.find("classification", cfg)
+    assert found is not None and len(found[0]["seeds"]) >= 10
