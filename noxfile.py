@@ -43,6 +43,13 @@ ROOT = Path(__file__).parent
 nox.options.sessions = ["tests"]
 
 
+def _install_run(session: nox.Session, *args: str, **kwargs) -> str | None:
+    """Run a command that builds an environment: also under `--install-only` (where `session.run`
+    is skipped, so a stamp would be written into a venv that was never made)."""
+    run = getattr(session, "run_install", None) or session.run_always  # run_install: nox >= 2023.04
+    return run(*args, **kwargs)
+
+
 def _env(session: nox.Session, name: str = "_env", extras: str = "test", swap: tuple[str, str] | None = None) -> str:
     """Create (once) a venv with the project installed editable; return its python.
 
@@ -57,16 +64,16 @@ def _env(session: nox.Session, name: str = "_env", extras: str = "test", swap: t
         return str(python)
     session.log(f"building {venv} (first time, or pyproject.toml changed)")
     if importlib.util.find_spec("ensurepip") is not None and not os.environ.get("NOXW_NO_ENSUREPIP"):
-        session.run(sys.executable, "-m", "venv", "--clear", str(venv), external=True)
-        session.run(str(python), "-m", "pip", "install", "-q", "--upgrade", "pip", external=True)
+        _install_run(session, sys.executable, "-m", "venv", "--clear", str(venv), external=True)
+        _install_run(session, str(python), "-m", "pip", "install", "-q", "--upgrade", "pip", external=True)
     else:  # Debian/Ubuntu without python3-venv: nox's own pip (./noxw makes one) installs pip there
-        session.run(sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv), external=True)
-        session.run(sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--upgrade", "pip",
-                    external=True)
-    session.run(str(python), "-m", "pip", "install", "-q", "-e", f".[{extras}]", external=True)
+        _install_run(session, sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv), external=True)
+        _install_run(session, sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--upgrade", "pip",
+                     external=True)
+    _install_run(session, str(python), "-m", "pip", "install", "-q", "-e", f".[{extras}]", external=True)
     if swap:
-        session.run(str(python), "-m", "pip", "uninstall", "-y", "-q", swap[0], external=True)
-        session.run(str(python), "-m", "pip", "install", "-q", swap[1], external=True)
+        _install_run(session, str(python), "-m", "pip", "uninstall", "-y", "-q", swap[0], external=True)
+        _install_run(session, str(python), "-m", "pip", "install", "-q", swap[1], external=True)
     stamp.write_text(want)
     return str(python)
 
@@ -111,8 +118,8 @@ def _cuda_env(session: nox.Session) -> str:
     """The CUDA venv: the project, onnxruntime-gpu, and the TensorRT wheel for torch's CUDA."""
     _, venv, extras, swap = TARGETS["cuda-tensorrt"]
     python = _env(session, venv, extras, swap)
-    cuda = session.run(python, "-c", "import torch; print(torch.version.cuda or '')", silent=True,
-                       external=True).strip().splitlines()[-1:]
+    cuda = _install_run(session, python, "-c", "import torch; print(torch.version.cuda or '')", silent=True,
+                        external=True).strip().splitlines()[-1:]
     torch_cuda = cuda[0] if cuda else ""
     if not torch_cuda:
         session.error(f"the torch in .nox/{venv} is a CPU-only build; install a CUDA build of torch there")
@@ -127,9 +134,9 @@ def _cuda_env(session: nox.Session) -> str:
     stamp = ROOT / ".nox" / venv / "tensorrt.spec"
     if not (stamp.exists() and stamp.read_text() == spec):
         if stamp.exists():  # another build (a torch of another CUDA was installed by hand)
-            session.run(python, "-m", "pip", "uninstall", "-y", "-q", *_TENSORRT_DISTS, external=True)
+            _install_run(session, python, "-m", "pip", "uninstall", "-y", "-q", *_TENSORRT_DISTS, external=True)
         session.log(f"installing {spec} (torch is built for CUDA {torch_cuda})")
-        session.run(python, "-m", "pip", "install", "-q", spec, external=True)
+        _install_run(session, python, "-m", "pip", "install", "-q", spec, external=True)
         stamp.write_text(spec)
     return python
 
