@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import from_dict
-from pipeline.models import build_model
+from pipeline.tasks.classification.models import build_model
 from pipeline.tasks import get_task
 from stages.mgd import FeatureTap, MGDHead
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipeline import config
-from pipeline.data import load_data
-from pipeline.models import build_model
+from pipeline.tasks.classification.data import load_data
+from pipeline.tasks.classification.models import build_model
 from stages.cpuconv import fast_weight_grad
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import from_dict
-from pipeline.data import available_cpus, load_data
+from pipeline.data import available_cpus
+from pipeline.tasks.classification.data import load_data
 from pipeline.stage import StageContext
 from stages.training import loaders
 

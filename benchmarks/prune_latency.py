@@ -31,7 +31,7 @@ from export.runtimes import OpenVINORuntime, OrtRuntime, TorchRuntime  # noqa: E
 from pipeline.bench import measure_latency, resolve_threads  # noqa: E402
 from pipeline.config import PruneConfig  # noqa: E402
 from pipeline.evaluate import count_macs  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.tasks.classification.models import build_model  # noqa: E402
 from pipeline.tasks import get_task  # noqa: E402
 from stages.prune import make_pruner  # noqa: E402
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.runtimes import OpenVINORuntime, OrtRuntime, TorchRuntime  # noqa: E402
 from pipeline.bench import measure_latency, resolve_threads  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.tasks.classification.models import build_model  # noqa: E402
 
 BATCHES = (1, 32)
 
@@ -91,7 +91,7 @@ def _demo_builds(run: Path, threads: int) -> tuple[dict, dict, tuple[int, int, i
     """The demo run's measured builds: runtimes, their recorded accuracy, the input shape."""
     from pipeline import config as config_mod
     from pipeline.manifest import Manifest
-    from pipeline.models import build_model as build
+    from pipeline.tasks.classification.models import build_model as build
     from pipeline.run_models import load_student
 
     manifest = Manifest.load(run)

@@ -1,6 +1,6 @@
 """How fast is the digit scene generator? (target: ≤ 3 s for 2,000 canvases at 64 px, one core)
 
-Times :func:`pipeline.tasks.scenes.make_scenes` with the default :class:`SceneSpec` after one warm-up
+Times :func:`pipeline.tasks.common.scenes.make_scenes` with the default :class:`SceneSpec` after one warm-up
 call (which also loads scikit-learn's digits), on one torch thread by default. Prints the best
 wall time and the best CPU time of the process: on a shared machine the wall time includes
 waiting for a core, the CPU time does not.
@@ -26,7 +26,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.tasks.scenes import SceneSpec, make_scenes, split_pools
+    from pipeline.tasks.common.scenes import SceneSpec, make_scenes, split_pools
 
     pool, _ = split_pools(seed=0, val_fraction=0.2)
     spec = SceneSpec(image_size=args.size)

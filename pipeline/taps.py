@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -57,9 +56,26 @@ def _owns_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _heads(model: nn.Module, exclude: tuple[str, ...]) -> list[str]:
-    from pipeline.models import head_names
+def head_names(model: nn.Module) -> list[str]:
+    """Module-name prefixes of the classifier head (e.g. ``["fc"]``, ``["classifier.3"]``).
 
+    The head is the last ``nn.Linear``; auxiliary classifiers (GoogLeNet/Inception ``aux*``
+    Linear layers with the same output size) are included, since they change with the label
+    set too. Models without a Linear layer (SqueezeNet) fall back to the last module that owns
+    parameters. Parameter names of the head start with ``prefix + "."``.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        last_name, last = linears[-1]
+        aux = [
+            n for n, m in linears[:-1] if "aux" in n.lower() and m.out_features == last.out_features
+        ]
+        return [*aux, last_name]
+    owners = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    return owners[-1:]
+
+
+def _heads(model: nn.Module, exclude: tuple[str, ...]) -> list[str]:
     named = [n for n, _ in model.named_children() if n in HEAD_NAMES]
     return [*exclude, *named, *head_names(model)]
 
@@ -141,49 +157,3 @@ def feature_stages(model: nn.Module, input_shape: tuple[int, ...], *, exclude: t
 def last_feature_stage(model: nn.Module, input_shape: tuple[int, ...], *, exclude: tuple[str, ...] = ()) -> Stage | None:
     """The deepest feature stage before the head (see the module docstring), or None."""
     return analyse(model, input_shape, exclude=exclude)[1]
-
-
-def _abstract_model(arch: str) -> nn.Module:
-    """``arch`` without real weights: built on the meta device (no memory, no time), or on the
-    CPU and moved there when its builder needs real tensors (RegNet computes widths with them).
-    The run's random stream is left where it was."""
-    from pipeline.models import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                return build_model(arch, 10, image_size=PROBE_SIZE, small_input="off")
-        except ConfigError:
-            raise
-        except Exception:  # noqa: BLE001 - a builder that cannot run on meta tensors
-            return build_model(arch, 10, image_size=PROBE_SIZE, small_input="off").to("meta")
-
-
-@lru_cache(maxsize=64)
-def default_tap(arch: str) -> str:
-    """The last feature stage of the classifier ``arch`` (a torchvision name or ``timm:<name>``):
-    what MGD taps when the config names no layer. A :class:`ConfigError` for an unknown
-    architecture or one without a feature-map stage before its head (a ViT)."""
-    from pipeline.models import TIMM_PREFIX, check_arch
-
-    check_arch(arch)
-    model = _abstract_model(arch)
-    info = getattr(model, "feature_info", None) if arch.startswith(TIMM_PREFIX) else None
-    if info:  # timm's own list of feature stages; its last entry is the deepest
-        try:
-            return str(info[-1]["module"])
-        except (KeyError, IndexError, TypeError):
-            pass
-    shape = (3, PROBE_SIZE, PROBE_SIZE)
-    try:
-        last = last_feature_stage(model, shape)
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: a real dry forward on the CPU
-        from pipeline.models import build_model
-
-        with torch.random.fork_rng(devices=[]):
-            model = build_model(arch, 10, image_size=PROBE_SIZE, small_input="off")
-        last = last_feature_stage(model, shape)
-    if last is None:
-        raise ConfigError(f"{arch} has no layer that outputs an N×C×H×W feature map before its head, so MGD has "
-                          "no default tap; name the layers to tap, or use method = \"kd\"")
-    return last.name

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline import data as data_mod
 from pipeline.config import ConfigError, DataConfig, ScenesConfig
-from pipeline.data import DataBundle, check_data, eval_transform, load_data, train_transform
+from pipeline.data import DataBundle
+from pipeline.tasks.classification.data import check_data, eval_transform, load_data, train_transform
 
 S = 16
 

@@ -15,9 +15,9 @@ from PIL import Image
 from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.tasks import get_task
-from pipeline.tasks.detmetrics import CocoMAP, box_matches
-from pipeline.tasks.detmodels import build_det_model
-from pipeline.tasks.detpost import decode, torchvision_detector
+from pipeline.tasks.detection.metrics import CocoMAP, box_matches
+from pipeline.tasks.detection.models import build_det_model
+from pipeline.tasks.detection.post import decode, torchvision_detector
 from tests.conftest import run_cli
 from tests.test_detpost import _confident_heads
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.detscenes: detection items from the seeded scene generator."""
+"""Tests for pipeline.tasks.detection.scenes: detection items from the seeded scene generator."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import pipeline.tasks.detscenes as detscenes
-from pipeline.tasks.cocodata import detection_collate
-from pipeline.tasks.detscenes import SCENE_CLASSES, SceneDetectionDataset, scene_detection_splits
-from pipeline.tasks.scenes import SceneSpec, make_scenes, split_pools
+import pipeline.tasks.detection.scenes as detscenes
+from pipeline.tasks.detection.coco import detection_collate
+from pipeline.tasks.detection.scenes import SCENE_CLASSES, SceneDetectionDataset, scene_detection_splits
+from pipeline.tasks.common.scenes import SceneSpec, make_scenes, split_pools
 
 MEAN = (0.2, 0.4, 0.6)
 STD = (0.5, 0.25, 0.125)

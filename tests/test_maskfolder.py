@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.maskfolder: VOC/Cityscapes-style image/mask trees built in tmp_path."""
+"""Tests for pipeline.tasks.segmentation.maskfolder: VOC/Cityscapes-style image/mask trees built in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.tasks.maskfolder import MaskFolderDataset, scan_split
+from pipeline.tasks.segmentation.maskfolder import MaskFolderDataset, scan_split
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.models: names, small-input stem, state-dict loading (all offline)."""
+"""Tests for pipeline.tasks.classification.models: names, small-input stem, state-dict loading (all offline)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import build_model, check_arch, head_names, load_weights, small_input_enabled
+from pipeline.tasks.classification.models import build_model, check_arch, load_weights, small_input_enabled
+from pipeline.taps import head_names
 
 S = 16
 
@@ -131,7 +132,8 @@ def test_timm_without_timm():
 def test_slow_imagenet_batchnorm_momentum_is_raised_for_short_schedules(arch):
     # torchvision builds these with momentum 0.01 / 0.0003: a few hundred steps would leave the
     # running statistics at their initial values and the model in eval mode at chance.
-    from pipeline.models import MIN_BN_MOMENTUM, build_model
+    from pipeline.tasks.common.weights import MIN_BN_MOMENTUM
+    from pipeline.tasks.classification.models import build_model
 
     model = build_model(arch, 5, image_size=32)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

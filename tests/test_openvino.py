@@ -29,7 +29,8 @@ import openvino as ov  # noqa: E402
 from export import openvino as ov_stage  # noqa: E402
 from export.runtimes import OpenVINORuntime, OrtRuntime  # noqa: E402
 from pipeline import config, stage  # noqa: E402
-from pipeline.data import DataBundle, load_data  # noqa: E402
+from pipeline.data import DataBundle  # noqa: E402
+from pipeline.tasks.classification.data import load_data  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from tests.conftest import TINY_TOML, merge_toml  # noqa: E402
 

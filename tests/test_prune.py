@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, PruneConfig, from_dict
 from pipeline.evaluate import count_params
-from pipeline.models import build_model
+from pipeline.tasks.classification.models import build_model
 from pipeline.stage import StageContext
 from pipeline.errors import LibraryError
 from pipeline.run_models import pruned_payload, rebuild_pruned

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.scenes: seeded digit scenes for segmentation / detection (offline, CPU)."""
+"""Tests for pipeline.tasks.common.scenes: seeded digit scenes for segmentation / detection (offline, CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tasks.scenes import IGNORE_INDEX, SceneSpec, Scenes, make_scenes, split_pools
+from pipeline.tasks.common.scenes import IGNORE_INDEX, SceneSpec, Scenes, make_scenes, split_pools
 
 N = 120
 
@@ -65,7 +65,7 @@ def test_pools_are_disjoint_stratified_and_match_the_digits_split(pools):
     from sklearn.datasets import load_digits
 
     from pipeline.config import DataConfig
-    from pipeline.data import load_data
+    from pipeline.tasks.classification.data import load_data
 
     train, val = pools
     y = load_digits().target

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.segmetrics: mIoU from a dataset-level confusion matrix."""
+"""Tests for pipeline.tasks.segmentation.metrics: mIoU from a dataset-level confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tasks.segmetrics import ConfusionMatrix
+from pipeline.tasks.segmentation.metrics import ConfusionMatrix
 
 
 def test_hand_computed_example():

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.segmodels: every arch at 64 px, output strides, weights (offline), ONNX
+"""Tests for pipeline.tasks.segmentation.models: every arch at 64 px, output strides, weights (offline), ONNX
 export and structured pruning."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.tasks.segmodels import (
+from pipeline.tasks.segmentation.models import (
     SEG_ARCHS,
     build_seg_model,
     check_seg_arch,
@@ -185,7 +185,7 @@ def test_plain_torchvision_state_dict_loads_and_aux_is_skipped(tmp_path, caplog)
     theirs.eval()
     torch.save(theirs.state_dict(), tmp_path / "tv.pt")
 
-    with caplog.at_level(logging.INFO, logger="pipeline.tasks.segmodels"):
+    with caplog.at_level(logging.INFO, logger="pipeline.tasks.segmentation.models"):
         ours = _build("deeplabv3_mobilenet_v3_large", seed=1, weights=str(tmp_path / "tv.pt"))
 
     assert "auxiliary-classifier" in caplog.text
@@ -198,7 +198,7 @@ def test_head_of_another_class_count_is_skipped(tmp_path, caplog):
     src = build_seg_model("fcn_resnet18", 5).eval()
     torch.save(src.state_dict(), tmp_path / "five.pt")
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.segmodels"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.segmentation.models"):
         dst = _build("fcn_resnet18", seed=1, weights=str(tmp_path / "five.pt"))
 
     assert "another class count" in caplog.text and "classifier.4.weight" in caplog.text
@@ -255,7 +255,7 @@ def test_torchvision_weights_shipped_arch_skips_voc_head(monkeypatch, caplog):
     voc = seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21).state_dict()
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: voc)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.segmodels"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.segmentation.models"):
         model = _build("lraspp_mobilenet_v3_large", weights="torchvision:COCO_WITH_VOC_LABELS_V1")
 
     assert "classifier.low_classifier.weight" in caplog.text

@@ -14,7 +14,8 @@ import torchvision
 
 from pipeline import config, runner
 from pipeline.config import ConfigError
-from pipeline.taps import analyse, default_tap, feature_stages
+from pipeline.taps import analyse, feature_stages
+from pipeline.tasks.classification.models import default_tap
 from stages.mgd import FeatureTap
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from export import tensorrt as trt_stage
 from export.runtimes import OrtRuntime
 from pipeline import config
 from pipeline.errors import LibraryError, UserError
-from pipeline.data import load_data
+from pipeline.tasks.classification.data import load_data
 from pipeline.manifest import Manifest, StageRecord, artifact_record
 from pipeline.stage import REGISTRY, StageContext
 

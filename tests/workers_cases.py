@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data import load_data
+from pipeline.tasks.classification.data import load_data
 from tests.test_data import S, folder_cfg, make_tree
 
 

@@ -1,9 +1,10 @@
 """Tasks: what the pipeline learns and how it is judged.
 
-A task module (``pipeline/tasks/<name>.py``) defines one :class:`~pipeline.tasks.base.Task`
-subclass and exposes an instance as ``TASK``. The training loop, evaluation, the latency
-harness and every export stage call the task; none of them tests for a task name. Adding a
-task is adding a module here and its name to ``[pipeline] task``.
+A task package (``pipeline/tasks/<name>/``) defines one :class:`~pipeline.tasks.base.Task`
+subclass and exposes an instance as ``TASK`` from its ``__init__``; its data sources, models,
+metrics and post-processing live beside it, and what several tasks share lives in
+``pipeline/tasks/common/``. The training loop, evaluation, the latency harness and every export
+stage call the task; none of them tests for a task name.
 """
 
 from __future__ import annotations

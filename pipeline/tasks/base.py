@@ -80,10 +80,8 @@ class Task:
 
     def unlabeled_transform(self, cfg: "DataConfig") -> Any:
         """PIL image → the model input (3×S×S, normalised) for ``[distill] unlabeled`` image
-        files: as this task's evaluation images are made (default: the classification transform)."""
-        from pipeline.data import eval_transform
-
-        return eval_transform(cfg)
+        files: as this task's evaluation images are made."""
+        raise NotImplementedError
 
     # -- models ------------------------------------------------------------------------------
     def check_arch(self, arch: str) -> None:

@@ -32,7 +32,7 @@ class _MIoU:
     """Dataset-level confusion matrix over argmax label maps."""
 
     def __init__(self, output: str, num_classes: int):
-        from pipeline.tasks.segmetrics import ConfusionMatrix
+        from pipeline.tasks.segmentation.metrics import ConfusionMatrix
 
         self.output = output
         self.matrix = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX)
@@ -66,7 +66,7 @@ class Segmentation(Task):
     kd_defaults = {"temperature": 4.0, "weight": 3.0}
 
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
-        from pipeline.tasks.segdata import check_masks, scene_spec
+        from pipeline.tasks.segmentation.data import check_masks, scene_spec
 
         if cfg.source == "masks":
             check_masks(cfg, base_dir)
@@ -74,7 +74,7 @@ class Segmentation(Task):
             scene_spec(cfg)
 
     def load_data(self, cfg: "DataConfig", seed: int, base_dir: Path) -> "DataBundle":
-        from pipeline.tasks.segdata import load_masks, load_scenes
+        from pipeline.tasks.segmentation.data import load_masks, load_scenes
 
         bundle = load_masks(cfg, seed, base_dir) if cfg.source == "masks" else load_scenes(cfg, seed)
         log.info("data %s (segmentation): %d classes, train %d, val %d, calibration %d, %d px", cfg.source,
@@ -91,13 +91,13 @@ class Segmentation(Task):
         return T.Compose([ToRGB(), T.Resize((s, s)), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
 
     def check_arch(self, arch: str) -> None:
-        from pipeline.tasks.segmodels import check_seg_arch
+        from pipeline.tasks.segmentation.models import check_seg_arch
 
         check_seg_arch(arch)
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
                     weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
-        from pipeline.tasks.segmodels import build_seg_model
+        from pipeline.tasks.segmentation.models import build_seg_model
 
         return build_seg_model(arch, num_classes, weights=weights, base_dir=base_dir)
 
@@ -106,7 +106,7 @@ class Segmentation(Task):
         return ["backbone.16"] if "mobilenet" in arch else ["backbone.layer4"]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
-        from pipeline.tasks.segmodels import seg_head_layers
+        from pipeline.tasks.segmentation.models import seg_head_layers
 
         return seg_head_layers(model)
 

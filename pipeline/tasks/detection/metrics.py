@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.tasks.letterbox import boxes_from_letterbox
+from pipeline.tasks.common.letterbox import boxes_from_letterbox
 
 log = logging.getLogger(__name__)
 

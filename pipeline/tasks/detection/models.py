@@ -5,7 +5,7 @@ Exporters and runtimes handle torchvision's data-dependent resize/pad transform 
 TopK/NMS badly (pytorch/vision#4395, NVIDIA/TensorRT#2721), so a :class:`DetRaw` stops at the
 head: it takes an already normalised ``N×3×S×S`` tensor and returns a tuple of raw tensors
 flattened over levels in torchvision's anchor order (level, row, column, anchor). Box decoding
-and NMS run outside the graph, in :func:`pipeline.tasks.detpost.decode`, identically for every runtime.
+and NMS run outside the graph, in :func:`pipeline.tasks.detection.post.decode`, identically for every runtime.
 
 Built by torchvision itself: ``retinanet_resnet50_fpn``, ``fcos_resnet50_fpn`` and
 ``ssdlite320_mobilenet_v3_large``. Composed here from torchvision's own parts (its extractors
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.tasks.detpost import OUTPUT_NAMES
-from pipeline.models import (
+from pipeline.tasks.detection.post import OUTPUT_NAMES
+from pipeline.tasks.common.weights import (
     TORCHVISION_WEIGHTS_PREFIX,
     read_state_dict,
     standard_bn_momentum,
@@ -135,7 +135,7 @@ class DetRaw(nn.Module):
     ``image_std`` (torchvision's input normalisation for this arch).
 
     Training mode returns the same tuple; torchvision's losses for it come from
-    :func:`pipeline.tasks.detpost.torchvision_detector` (``compute_loss``), fed these raw outputs.
+    :func:`pipeline.tasks.detection.post.torchvision_detector` (``compute_loss``), fed these raw outputs.
     """
 
     def __init__(self, arch: str, net: nn.Module, *, num_classes: int, image_size: int, levels: tuple[str, ...]):

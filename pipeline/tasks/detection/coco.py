@@ -23,7 +23,7 @@ Policies (the same for training targets and crowd regions):
 - Images without annotations are kept (negatives).
 - An image's ``width`` / ``height`` in the JSON, when given, must match the file's header.
 
-Images are letterboxed (:mod:`pipeline.tasks.letterbox`, re-exported here): resized with the aspect
+Images are letterboxed (:mod:`pipeline.tasks.common.letterbox`, re-exported here): resized with the aspect
 ratio kept so the longer side is ``S``, centred on a grey canvas (0.5 in [0, 1]).
 """
 
@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.errors import DataError
-from pipeline.tasks.letterbox import PAD_VALUE, boxes_from_letterbox, boxes_to_letterbox, letterbox
+from pipeline.tasks.common.letterbox import PAD_VALUE, boxes_from_letterbox, boxes_to_letterbox, letterbox
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,6 @@
-"""Model construction: torchvision classifiers by name (or ``timm:<name>``), a small-input stem,
-and initial weights from a state-dict file or torchvision's pretrained enums.
-
-Checkpoints are plain state dicts loaded with ``torch.load(..., weights_only=True)``; a file
-that does not fit the architecture is a :class:`ConfigError` naming the offending keys.
+"""Classification models: torchvision classifiers by name (or ``timm:<name>``), a small-input
+stem, initial weights (a state-dict file or torchvision's pretrained enums), and the model's
+default MGD tap (its last feature stage).
 """
 
 from __future__ import annotations
@@ -10,18 +8,27 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
+from pipeline.taps import PROBE_SIZE, head_names, last_feature_stage
+from pipeline.tasks.common.weights import (
+    TORCHVISION_WEIGHTS_PREFIX,
+    describe_mismatch,
+    read_state_dict,
+    standard_bn_momentum,
+    state_dict_mismatch,
+    torchvision_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
-TORCHVISION_WEIGHTS_PREFIX = "torchvision:"
 SMALL_INPUT_THRESHOLD = 64  # "auto" turns the stride-1 stem on below this side length
 
 
@@ -114,77 +121,15 @@ def _apply_small_stem(model: nn.Module, arch: str) -> None:
     log.warning("%s: small-input stem requested but no strided convolution found; model unchanged", arch)
 
 
-# --------------------------------------------------------------------------------------------
-# Classifier head
-# --------------------------------------------------------------------------------------------
-
-
-def head_names(model: nn.Module) -> list[str]:
-    """Module-name prefixes of the classifier head (e.g. ``["fc"]``, ``["classifier.3"]``).
-
-    The head is the last ``nn.Linear``; auxiliary classifiers (GoogLeNet/Inception ``aux*``
-    Linear layers with the same output size) are included, since they change with the label
-    set too. Models without a Linear layer (SqueezeNet) fall back to the last module that owns
-    parameters. Parameter names of the head start with ``prefix + "."``.
-    """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if linears:
-        last_name, last = linears[-1]
-        aux = [
-            n for n, m in linears[:-1] if "aux" in n.lower() and m.out_features == last.out_features
-        ]
-        return [*aux, last_name]
-    owners = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-    return owners[-1:]
-
-
 def _in_head(key: str, heads: list[str]) -> bool:
     return any(key.startswith(h + ".") for h in heads)
+
+
 
 
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
-
-
-def as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The state dict inside a loaded checkpoint, or None if it is not one."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            sd = dict(obj)
-            # Checkpoints saved from DDP / torch.compile wrappers carry a prefix on every key.
-            for prefix in ("module.", "_orig_mod."):
-                if all(k.startswith(prefix) for k in sd):
-                    sd = {k[len(prefix) :]: v for k, v in sd.items()}
-            return sd
-    return None
-
-
-def state_dict_mismatch(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *,
-                        may_miss: tuple[str, ...] = (), may_differ=lambda key: False) -> tuple[list[str], list[str]]:
-    """How a checkpoint ``sd`` fails to fit a model's state dict ``own``: ``(problems, skippable)``.
-
-    ``problems`` names keys missing from ``sd`` (except under the ``may_miss`` prefixes),
-    unexpected keys and keys of another shape; ``skippable`` holds the shape-mismatched keys for
-    which ``may_differ(key)`` is true (they keep their initialisation instead of failing).
-    """
-    missing = [k for k in own if k not in sd and not k.startswith(may_miss)]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    skippable = [k for k in shape if may_differ(k)]
-    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
-                + [f"shape {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape if k not in skippable])
-    return problems, skippable
-
-
-def describe_mismatch(problems: list[str]) -> str:
-    """The first few problems of :func:`state_dict_mismatch`, for a one-line error."""
-    more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
-    return ", ".join(problems[:4]) + more
 
 
 def _fit_state_dict(
@@ -216,31 +161,6 @@ def _fit_state_dict(
     model.load_state_dict(filtered, strict=not skippable)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state-dict file, loaded with ``weights_only=True``: a plain state dict or one under
-    ``"state_dict"`` / ``"model"``. A missing, unreadable or non-state-dict file is a one-line
-    :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights = '{path}': file not found; give a state-dict path, 'torchvision:DEFAULT' or ''")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, pickle refused by weights_only, truncated file...
-        text = str(exc).strip()
-        if "Weights only load failed" in text:
-            # torch's own advice (weights_only=False) would unpickle arbitrary code: do not echo it.
-            reason = "corrupt, or holds pickled objects beyond tensors, which weights_only loading refuses"
-        else:
-            reason = text.splitlines()[0] if text else type(exc).__name__
-        raise ConfigError(f"weights = '{path}': cannot read it as a torch state dict ({reason})") from None
-    sd = as_state_dict(obj)
-    if sd is None:
-        raise ConfigError(
-            f"weights = '{path}': not a state dict (expected a dict of tensors, or one under 'state_dict'/'model')"
-        )
-    return sd
-
-
 def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
     """Load a state-dict file into ``model`` (``torch.load(..., weights_only=True)``).
 
@@ -255,34 +175,6 @@ def load_weights(model: nn.Module, path: Path, *, arch: str) -> None:
     log.info("%s: loaded weights from %s", arch, path)
 
 
-def torchvision_state_dict(name: str, spec: str) -> tuple[dict[str, torch.Tensor], Any]:
-    """The state dict of ``torchvision:<ENUM_NAME>`` weights for torchvision model ``name``, and the
-    weights enum it came from. The enum is resolved before any download, so a typo fails fast and
-    offline; the download itself needs a network. Raises :class:`ConfigError`."""
-    import torchvision.models
-
-    enum_name = spec[len(TORCHVISION_WEIGHTS_PREFIX) :]
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        raise ConfigError(f"weights = {spec!r}: torchvision has no pretrained weights for {name}") from None
-    try:
-        weights = enum[enum_name]
-    except KeyError:
-        available = ["DEFAULT", *(w.name for w in enum)]
-        raise ConfigError(
-            f"weights = {spec!r}: unknown weights for {name}; available: "
-            + ", ".join(TORCHVISION_WEIGHTS_PREFIX + n for n in available)
-        ) from None
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True), weights
-    except Exception as exc:  # noqa: BLE001 - URLError, HTTP errors, corrupt cache...
-        raise ConfigError(
-            f"weights = {spec!r}: could not download {weights} ({exc}); this needs a network, "
-            "or save the state dict to a file and give its path"
-        ) from None
-
-
 def _load_torchvision_weights(model: nn.Module, arch: str, spec: str) -> None:
     """Load ``torchvision:<ENUM_NAME>`` pretrained weights (downloads; needs a network)."""
     sd, weights = torchvision_state_dict(arch, spec)
@@ -294,27 +186,6 @@ def _load_torchvision_weights(model: nn.Module, arch: str, spec: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------
-
-
-# BatchNorm's running statistics must follow the weights within the short schedules of a
-# from-scratch or fine-tuning run: torchvision's MobileNetV3 (0.01), MNASNet (0.0003) and other
-# ImageNet recipes set a far slower momentum, tuned for hundreds of epochs. With a few hundred
-# steps their running statistics stay near their initial values and the model in eval mode
-# predicts one class, however well it trains (seen: MobileNetV3-Small at 87% train, 20% val).
-MIN_BN_MOMENTUM = 0.1  # PyTorch's default
-
-
-def standard_bn_momentum(model: nn.Module, arch: str) -> nn.Module:
-    """Raise every BatchNorm's momentum to at least :data:`MIN_BN_MOMENTUM` (see there); logged."""
-    raised = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.momentum < MIN_BN_MOMENTUM:
-            m.momentum = MIN_BN_MOMENTUM
-            raised += 1
-    if raised:
-        log.info("%s: BatchNorm momentum raised to %g in %d layers (its ImageNet recipe's is for hundreds of "
-                 "epochs; running statistics must keep up with a short schedule)", arch, MIN_BN_MOMENTUM, raised)
-    return model
 
 
 def build_model(
@@ -363,3 +234,48 @@ def build_model(
         p = Path(weights).expanduser()
         load_weights(model, p if p.is_absolute() else Path(base_dir) / p, arch=arch)
     return standard_bn_momentum(model, arch)
+
+
+# --------------------------------------------------------------------------------------------
+# The default MGD tap
+# --------------------------------------------------------------------------------------------
+
+
+def _abstract_model(arch: str) -> nn.Module:
+    """``arch`` without real weights: built on the meta device (no memory, no time), or on the
+    CPU and moved there when its builder needs real tensors (RegNet computes widths with them).
+    The run's random stream is left where it was."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return build_model(arch, 10, image_size=PROBE_SIZE, small_input="off")
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - a builder that cannot run on meta tensors
+            return build_model(arch, 10, image_size=PROBE_SIZE, small_input="off").to("meta")
+
+
+@lru_cache(maxsize=64)
+def default_tap(arch: str) -> str:
+    """The last feature stage of the classifier ``arch`` (a torchvision name or ``timm:<name>``):
+    what MGD taps when the config names no layer. A :class:`ConfigError` for an unknown
+    architecture or one without a feature-map stage before its head (a ViT)."""
+    check_arch(arch)
+    model = _abstract_model(arch)
+    info = getattr(model, "feature_info", None) if arch.startswith(TIMM_PREFIX) else None
+    if info:  # timm's own list of feature stages; its last entry is the deepest
+        try:
+            return str(info[-1]["module"])
+        except (KeyError, IndexError, TypeError):
+            pass
+    shape = (3, PROBE_SIZE, PROBE_SIZE)
+    try:
+        last = last_feature_stage(model, shape)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: a real dry forward on the CPU
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(arch, 10, image_size=PROBE_SIZE, small_input="off")
+        last = last_feature_stage(model, shape)
+    if last is None:
+        raise ConfigError(f"{arch} has no layer that outputs an N×C×H×W feature map before its head, so MGD has "
+                          "no default tap; name the layers to tap, or use method = \"kd\"")
+    return last.name

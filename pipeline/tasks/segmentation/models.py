@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.models import (
+from pipeline.tasks.common.weights import (
     TORCHVISION_WEIGHTS_PREFIX,
     standard_bn_momentum,
     read_state_dict,

@@ -57,23 +57,29 @@ class Classification(Task):
     kd_defaults = {"temperature": 4.0, "weight": 1.0}
 
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
-        from pipeline.data import check_data
+        from pipeline.tasks.classification.data import check_data
 
         check_data(cfg, base_dir)
 
     def load_data(self, cfg: "DataConfig", seed: int, base_dir: Path) -> "DataBundle":
-        from pipeline.data import load_data
+        from pipeline.tasks.classification.data import load_data
 
         return load_data(cfg, seed, base_dir)
 
+    def unlabeled_transform(self, cfg: "DataConfig") -> Any:
+        """The evaluation transform (resize, or resize + centre crop from 64 px; normalised)."""
+        from pipeline.tasks.classification.data import eval_transform
+
+        return eval_transform(cfg)
+
     def check_arch(self, arch: str) -> None:
-        from pipeline.models import check_arch
+        from pipeline.tasks.classification.models import check_arch
 
         check_arch(arch)
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
                     weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
-        from pipeline.models import build_model
+        from pipeline.tasks.classification.models import build_model
 
         return build_model(arch, num_classes, image_size=image_size, small_input=small_input, weights=weights,
                            base_dir=base_dir)
@@ -81,12 +87,12 @@ class Classification(Task):
     def default_layers(self, arch: str) -> list[str]:
         """The last feature stage, whatever the architecture: ResNet `layer4`, MobileNet /
         EfficientNet `features`, RegNet `trunk_output`, a timm model's last `feature_info` entry."""
-        from pipeline.taps import default_tap
+        from pipeline.tasks.classification.models import default_tap
 
         return [default_tap(arch)]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
-        from pipeline.models import head_names
+        from pipeline.taps import head_names
 
         return head_names(model)
 

@@ -18,10 +18,16 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -307,3 +313,14 @@ def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray) -> Scen
     label_list = [cls[i][kept[i]] for i in range(n)]
     log.debug("scenes: %d canvases of %d px, %d digits", n, s, int(kept.sum()))
     return Scenes(images=images, masks=masks, boxes=box_list, labels=label_list, main_label=main.to(torch.int64))
+
+
+def scene_spec(cfg: "DataConfig") -> SceneSpec:
+    """The generator's spec for `[data] image_size` and `[data.scenes]`."""
+    s = cfg.scenes
+    try:
+        return SceneSpec(image_size=cfg.image_size, min_digits=s.min_digits, max_digits=s.max_digits,
+                         min_scale=s.min_scale, max_scale=s.max_scale, min_contrast=s.min_contrast,
+                         clutter=s.clutter, noise=s.noise, ignore_border=s.ignore_border, max_overlap=s.max_overlap)
+    except ValueError as exc:
+        raise ConfigError(f"data.scenes: {exc}") from None

@@ -1,7 +1,7 @@
 """Detection datasets for the task: embedded digit scenes (boxes) and a user's COCO instances JSON.
 
 Both give items ``(float32 3×S×S normalised image, target dict)`` (see
-:class:`pipeline.tasks.cocodata.CocoDetectionDataset`) and a :class:`~pipeline.data.DataBundle`
+:class:`pipeline.tasks.detection.coco.CocoDetectionDataset`) and a :class:`~pipeline.data.DataBundle`
 whose collate keeps targets as a list (box counts differ per image) and whose calibration split
 is drawn from the training images seen through the evaluation transform, never from val.
 """
@@ -34,11 +34,11 @@ def check_data(cfg: DataConfig, base_dir: Path) -> None:
     if cfg.image_size % 32:
         raise ConfigError(f"data.image_size = {cfg.image_size}: detection needs a multiple of 32 (64, 96, 128, ...)")
     if cfg.source == "coco":
-        from pipeline.tasks.cocodata import load_coco_splits
+        from pipeline.tasks.detection.coco import load_coco_splits
 
         load_coco_splits(*(_path(cfg, k, base_dir) for k in _COCO_KEYS))
     else:
-        from pipeline.tasks.segdata import scene_spec
+        from pipeline.tasks.common.scenes import scene_spec
 
         scene_spec(cfg)
 
@@ -55,10 +55,10 @@ def _subset(dataset, fraction: float, seed: int) -> object:
 
 def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     """Train / val / calibration splits of the configured detection source."""
-    from pipeline.tasks.cocodata import detection_collate
+    from pipeline.tasks.detection.coco import detection_collate
 
     if cfg.source == "coco":
-        from pipeline.tasks.cocodata import CocoDetectionDataset, load_coco_splits
+        from pipeline.tasks.detection.coco import CocoDetectionDataset, load_coco_splits
 
         train_split, val_split = load_coco_splits(*(_path(cfg, k, base_dir) for k in _COCO_KEYS))
         s, mean, std = cfg.image_size, cfg.mean, cfg.std
@@ -69,9 +69,9 @@ def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
         val = CocoDetectionDataset(val_split, s, mean, std, augment=False)
         classes = list(train_split.class_names)
     else:
-        from pipeline.tasks.detscenes import SCENE_CLASSES, SceneDetectionDataset
-        from pipeline.tasks.scenes import make_scenes, split_pools
-        from pipeline.tasks.segdata import scene_spec
+        from pipeline.tasks.detection.scenes import SCENE_CLASSES, SceneDetectionDataset
+        from pipeline.tasks.common.scenes import make_scenes, split_pools
+        from pipeline.tasks.common.scenes import scene_spec
 
         spec = scene_spec(cfg)
         train_pool, val_pool = split_pools(seed, cfg.val_fraction)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset
 from pipeline.config import DataConfig
 from pipeline.data import DataBundle
 from pipeline.errors import ConfigError
+from pipeline.tasks.common.scenes import scene_spec
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,6 @@ class SceneSegmentation(Dataset):
         return (self.images[i].expand(3, -1, -1) - self.mean) / self.std, self.masks[i]
 
 
-def scene_spec(cfg: DataConfig):
-    """The generator's spec for `[data] image_size` and `[data.scenes]`."""
-    from pipeline.tasks.scenes import SceneSpec
-
-    s = cfg.scenes
-    try:
-        return SceneSpec(image_size=cfg.image_size, min_digits=s.min_digits, max_digits=s.max_digits,
-                         min_scale=s.min_scale, max_scale=s.max_scale, min_contrast=s.min_contrast,
-                         clutter=s.clutter, noise=s.noise, ignore_border=s.ignore_border, max_overlap=s.max_overlap)
-    except ValueError as exc:
-        raise ConfigError(f"data.scenes: {exc}") from None
-
-
 def _calibration(train: Dataset, size: int, seed: int) -> Subset:
     g = torch.Generator().manual_seed(seed)
     n = len(train)  # type: ignore[arg-type]
@@ -60,7 +48,7 @@ def _calibration(train: Dataset, size: int, seed: int) -> Subset:
 
 def load_scenes(cfg: DataConfig, seed: int) -> DataBundle:
     """Seeded train / val scenes from disjoint digit pools (val holds unseen handwriting)."""
-    from pipeline.tasks.scenes import make_scenes, split_pools
+    from pipeline.tasks.common.scenes import make_scenes, split_pools
 
     spec = scene_spec(cfg)
     train_pool, val_pool = split_pools(seed, cfg.val_fraction)
@@ -85,7 +73,7 @@ def _mask_root(cfg: DataConfig, base_dir: Path) -> Path:
 
 def check_masks(cfg: DataConfig, base_dir: Path) -> None:
     """Preflight of a mask folder: layout, pairs, sizes and class values (every mask is read)."""
-    from pipeline.tasks.maskfolder import scan_split
+    from pipeline.tasks.segmentation.maskfolder import scan_split
 
     root = _mask_root(cfg, base_dir)
     for split in ("train", "val"):
@@ -94,7 +82,7 @@ def check_masks(cfg: DataConfig, base_dir: Path) -> None:
 
 def load_masks(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     """A user's `root/{train,val}/{images,masks}` folders; calibration from train, eval transform."""
-    from pipeline.tasks.maskfolder import MaskFolderDataset, scan_split
+    from pipeline.tasks.segmentation.maskfolder import MaskFolderDataset, scan_split
 
     root = _mask_root(cfg, base_dir)
     train_pairs, val_pairs = scan_split(root, "train", cfg.num_classes), scan_split(root, "val", cfg.num_classes)

@@ -12,7 +12,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import TransformedDataset, _labels_of, _resolve, eval_transform
+from pipeline.data import TransformedDataset, labels_of, resolve_path
+from pipeline.tasks.classification.data import eval_transform
 
 def _torchvision_dataset_names() -> list[str]:
     import torchvision.datasets as tvd
@@ -37,7 +38,7 @@ def check_torchvision(cfg: DataConfig, base_dir: Path) -> tuple[type, Path]:
         close = list(dict.fromkeys(close))[:3]
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.datasets for the names"
         raise ConfigError(f"data.name = {cfg.name!r}: not a torchvision dataset; {hint}")
-    root = _resolve(cfg.root, base_dir, default="data")
+    root = resolve_path(cfg.root, base_dir, default="data")
     if not cfg.download and not root.is_dir():
         raise ConfigError(
             f"data.root = '{root}': directory does not exist and data.download = false; "
@@ -79,7 +80,7 @@ def load_torchvision(cfg: DataConfig, base_dir: Path) -> tuple[Dataset, Dataset,
     cls, root = check_torchvision(cfg, base_dir)
     train_raw = _make_torchvision(cls, root, True, cfg)
     val_raw = _make_torchvision(cls, root, False, cfg)
-    labels = _labels_of(train_raw)
+    labels = labels_of(train_raw)
     classes = getattr(train_raw, "classes", None)
     if not classes:
         if labels is None:

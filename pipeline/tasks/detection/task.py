@@ -1,10 +1,10 @@
 """Object detection: boxes and classes, COCO mAP, MGD on every FPN level.
 
-Models are torchvision detectors by name (:mod:`pipeline.tasks.detmodels`) returning their raw
+Models are torchvision detectors by name (:mod:`pipeline.tasks.detection.models`) returning their raw
 head outputs at one fixed input size; training uses torchvision's own losses for those outputs
 (focal + L1 for RetinaNet, focal + GIoU + centerness for FCOS, hard-negative-mined CE + smooth
 L1 for SSDlite); every runtime's raw outputs go through one decode + NMS
-(:func:`pipeline.tasks.detpost.decode`, settings in :data:`POSTPROCESS`) before COCO mAP.
+(:func:`pipeline.tasks.detection.post.decode`, settings in :data:`POSTPROCESS`) before COCO mAP.
 
 The MGD settings are the authors' detection ones (yzd-v/MGD `det/`): one MGD loss with its own
 generation block per FPN output level, a pixel mask with λ = 0.65, α = 2e-5, summed.
@@ -50,8 +50,8 @@ def _decoder(kind: str, image_size: int, num_classes: int) -> Any:
     """
     import torch
 
-    from pipeline.tasks.detmodels import build_det_model
-    from pipeline.tasks.detpost import torchvision_detector
+    from pipeline.tasks.detection.models import build_det_model
+    from pipeline.tasks.detection.post import torchvision_detector
 
     arch = {"retinanet": "retinanet_resnet18_fpn", "fcos": "fcos_resnet18_fpn",
             "ssd": "ssdlite320_mobilenet_v3_large"}[kind]
@@ -65,7 +65,7 @@ class _MAP:
     """Decodes each batch of raw outputs with the shared post-processing, then COCO mAP."""
 
     def __init__(self, task: "Detection", num_classes: int):
-        from pipeline.tasks.detmetrics import CocoMAP
+        from pipeline.tasks.detection.metrics import CocoMAP
 
         self.task = task
         self.coco = CocoMAP([str(c) for c in range(num_classes)])
@@ -86,7 +86,7 @@ class _Letterboxed:
     def __call__(self, image: Any) -> "torch.Tensor":
         import torch
 
-        from pipeline.tasks.letterbox import letterbox
+        from pipeline.tasks.common.letterbox import letterbox
 
         x, _, _ = letterbox(image, self.size)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
@@ -115,13 +115,13 @@ class Detection(Task):
     def __init__(self, kind: str | None = None, image_size: int = 0):
         self.kind, self.image_size = kind, image_size
         if kind is not None:
-            from pipeline.tasks.detpost import OUTPUT_NAMES
+            from pipeline.tasks.detection.post import OUTPUT_NAMES
 
             self.output_names = OUTPUT_NAMES[kind]
 
     def bind(self, cfg: "Config") -> "Detection":
         """This task for a run: decoding follows the teacher's family at ``[data] image_size``."""
-        from pipeline.tasks.detmodels import det_arch_kind
+        from pipeline.tasks.detection.models import det_arch_kind
 
         kind = det_arch_kind(cfg.teacher.arch)
         if self.kind == kind and self.image_size == cfg.data.image_size:
@@ -134,12 +134,12 @@ class Detection(Task):
 
     # -- data ------------------------------------------------------------------------------
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
-        from pipeline.tasks.detdata import check_data
+        from pipeline.tasks.detection.data import check_data
 
         check_data(cfg, base_dir)
 
     def load_data(self, cfg: "DataConfig", seed: int, base_dir: Path) -> "DataBundle":
-        from pipeline.tasks.detdata import load_data
+        from pipeline.tasks.detection.data import load_data
 
         return load_data(cfg, seed, base_dir)
 
@@ -149,13 +149,13 @@ class Detection(Task):
 
     # -- models ----------------------------------------------------------------------------
     def check_arch(self, arch: str) -> None:
-        from pipeline.tasks.detmodels import check_det_arch
+        from pipeline.tasks.detection.models import check_det_arch
 
         check_det_arch(arch)
 
     def check_pair(self, teacher: str, student: str) -> None:
         """A ConfigError unless the teacher and the student are detectors of one family."""
-        from pipeline.tasks.detmodels import det_arch_kind
+        from pipeline.tasks.detection.models import det_arch_kind
 
         if det_arch_kind(teacher) != det_arch_kind(student):
             raise ConfigError(
@@ -166,14 +166,14 @@ class Detection(Task):
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
                     weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
-        from pipeline.tasks.detmodels import build_det_model
+        from pipeline.tasks.detection.models import build_det_model
 
         return build_det_model(arch, num_classes, image_size=image_size, weights=weights, base_dir=base_dir,
                                fpn_channels=fpn_channels)
 
     def default_layers(self, arch: str) -> list[str]:
         """Every FPN output level (P3-P7; SSDlite's six feature maps), one MGD loss each."""
-        from pipeline.tasks.detmodels import _FPN_LEVELS, _SSD_LEVELS, det_arch_kind
+        from pipeline.tasks.detection.models import _FPN_LEVELS, _SSD_LEVELS, det_arch_kind
 
         try:
             levels = _SSD_LEVELS if det_arch_kind(arch) == "ssd" else _FPN_LEVELS
@@ -246,7 +246,7 @@ class Detection(Task):
 
     def postprocess(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detections per image (boxes xyxy in input pixels, scores, labels) by the shared decode + NMS."""
-        from pipeline.tasks.detpost import decode
+        from pipeline.tasks.detection.post import decode
 
         self._bound()
         num_classes = np.asarray(outputs["cls_logits"]).shape[-1] - (1 if self.kind == "ssd" else 0)
@@ -258,7 +258,7 @@ class Detection(Task):
         """Share of confident reference detections (score ≥ 0.3) found again by the candidate:
         same class, IoU ≥ 0.9, one to one; counted over the larger of the two confident sets,
         so extra candidate detections lower it too. 1.0 when neither has a confident detection."""
-        from pipeline.tasks.detmetrics import box_matches
+        from pipeline.tasks.detection.metrics import box_matches
 
         matched, total = 0, 0
         for ref, cand in zip(reference, candidate, strict=True):
