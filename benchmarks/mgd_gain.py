@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline import config, gain_records
 from pipeline.runner import Runner, RunOptions
-from pipeline.tasks import get_task
+from pipeline.tasks import task_for
 from pipeline.ui import console, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def main() -> None:
     setup_logging()
     logging.getLogger().setLevel(logging.WARNING)
     base = config.load(args.config)
-    metric = get_task(base.pipeline.task).metric
+    metric = task_for(base).metric
     alphas = args.alpha or [None]
     runs = [(m, a) for m in args.methods for a in (alphas if m.startswith("mgd") else [None])]
     label = {r: (r[0] if r[1] is None else f"{r[0]} α={r[1]}") for r in runs}

@@ -45,7 +45,8 @@ from export.head_scope import onnx_output_layers
 from export.onnx_errors import OnnxExportError, ParityError, UnsupportedOperatorError, diagnose, first_line  # noqa: F401
 from export.runtimes import OrtRuntime
 from pipeline import dist, faults
-from pipeline.config import ConfigError, OnnxConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import OnnxConfig
 from pipeline.manifest import ArtifactRole, atomic_write_bytes
 from pipeline.run_models import build_teacher, load_final_student
 from pipeline.stage import Measure, StageContext, StageResult, register

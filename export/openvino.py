@@ -36,7 +36,8 @@ import numpy as np
 from export.head_scope import openvino_output_layers
 from export.runtimes import OpenVINORuntime, OrtRuntime
 from pipeline import dist, faults
-from pipeline.config import ConfigError, OpenVINOConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import OpenVINOConfig
 from pipeline.manifest import ArtifactRole
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import Task

@@ -52,8 +52,8 @@ from export.calibration import calibration_reader
 from export.head_scope import onnx_output_layers
 from export.runtimes import OrtRuntime, TensorRTRuntime
 from pipeline import dist
-from pipeline.config import ConfigError, DataConfig, TensorRTConfig
-from pipeline.errors import LibraryError, UserError
+from pipeline.schema import DataConfig, TensorRTConfig
+from pipeline.errors import ConfigError, LibraryError, UserError
 from pipeline.manifest import ArtifactRole, Manifest, atomic_write_bytes, verify_artifact
 from pipeline.stage import Command, Measure, StageContext, StageResult, register
 

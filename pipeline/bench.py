@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.config import BenchConfig
+    from pipeline.schema import BenchConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pipeline.bench import latency_metrics
 
 if TYPE_CHECKING:
     from pipeline.bench import Runtime
-    from pipeline.config import BenchConfig
+    from pipeline.schema import BenchConfig
     from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import GatesConfig
+from pipeline.schema import GatesConfig
 from pipeline.manifest import ArtifactRole, GateResult, StageRecord
 
 # Tolerance for float round-off in comparisons that users expect to be exact (drop == budget).
@@ -57,7 +57,7 @@ def speedup(teacher: dict[str, Any] | None, metrics: dict[str, Any]) -> float | 
 
 
 def check_stage(record: StageRecord, teacher: dict[str, Any] | None, gates: GatesConfig,
-                metric: str = "accuracy", measured: dict[str, dict] | None = None) -> list[GateResult]:
+                metric: str, measured: dict[str, dict] | None = None) -> list[GateResult]:
     """Evaluate every configured gate on one stage's metrics.
 
     `teacher` is the teacher's own metrics (quality and latency in torch eager), or None when

@@ -26,18 +26,10 @@ FORMAT_VERSION = 1
 
 Status = Literal["ok", "failed", "skipped", "gate_failed", "unavailable"]
 
-# The unit of a metric that is a share of the validation images (top-1 accuracy): one image is
-# 1/N of it, its resolution. mIoU, pixel accuracy and mAP pool pixels or boxes: plain "fraction".
-PER_IMAGE_FRACTION = "fraction of images"
-
-# Unit and direction of every metric name the pipeline records (names fixed: tests and users rely on them). Stored in
-# the manifest so a reader never has to guess whether bigger is better.
+# Unit and direction of every metric name the pipeline records besides the task's quality metrics
+# (names fixed: tests and users rely on them; a task declares its own, see `Task.quality`). Stored
+# in the manifest so a reader never has to guess whether bigger is better.
 METRIC_UNITS: dict[str, dict[str, str]] = {
-    "accuracy": {"unit": PER_IMAGE_FRACTION, "better": "higher"},
-    "miou": {"unit": "fraction", "better": "higher"},
-    "pixel_accuracy": {"unit": "fraction", "better": "higher"},
-    "map": {"unit": "fraction", "better": "higher"},
-    "map_50": {"unit": "fraction", "better": "higher"},
     "latency_p50_ms": {"unit": "ms", "better": "lower"},
     "latency_p90_ms": {"unit": "ms", "better": "lower"},
     "latency_p99_ms": {"unit": "ms", "better": "lower"},

@@ -82,7 +82,7 @@ def _a(word: str) -> str:
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
-def accuracy_vs_latency(points: Sequence[Point], metric: str = "accuracy", axis: str = "top-1 accuracy") -> bytes:
+def accuracy_vs_latency(points: Sequence[Point], metric: str = "quality", axis: str = "quality metric") -> bytes:
     """The quality metric (%) against latency p50 at batch 1 (ms, log scale): see
     :func:`pareto_figure`."""
     fig, _ = pareto_figure(points, metric, axis)
@@ -92,7 +92,7 @@ def accuracy_vs_latency(points: Sequence[Point], metric: str = "accuracy", axis:
 _UNKNOWN_RUNTIME = "runtime not recorded"
 
 
-def pareto_figure(points: Sequence[Point], metric: str = "accuracy", axis: str = "top-1 accuracy"):
+def pareto_figure(points: Sequence[Point], metric: str = "quality", axis: str = "quality metric"):
     """The Pareto view as a figure, and its point labels (matplotlib Text artists, so that a
     check can measure where they were drawn). One colour per runtime, named in the legend;
     candidates are filled circles, reference builds hollow squares; the Pareto front is taken
@@ -196,8 +196,8 @@ def _place_labels(fig, ax, labels: Sequence[tuple[str, float, float]]) -> list:
     return placed
 
 
-def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: str = "accuracy",
-               axis: str = "top-1 accuracy") -> bytes:
+def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: str = "quality",
+               axis: str = "quality metric") -> bytes:
     """Two bar charts side by side, one bar per `(label, quality metric 0..1, latency p50 ms)` row
     in pipeline order: the metric (%) and latency p50 at batch 1 (ms). A missing value leaves a gap."""
     rows = [(lab, a if _finite(a) else None, lat if _finite(lat) else None) for lab, a, lat in rows]
@@ -228,8 +228,6 @@ def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: s
     return _png(fig)
 
 
-# History keys name a metric after "train_" / "val_"; classification spells accuracy "acc".
-_CURVE_NAMES = {"acc": "top-1 accuracy"}
 _SPLITS = ("train", "val")
 _TERM_STYLES = ((0, (4, 2)), ":", "-.", (0, (1, 3)), (0, (6, 2, 1, 2)))  # task, mgd, kd, ...
 
@@ -241,8 +239,9 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     pruning's healing); train dashed, val solid. A history whose loss has several terms
     (`loss_task`, `loss_mgd`, `loss_kd`) also gets each term on the loss panel, in its colour
     with a line style per term, so the plot shows whether distillation pulls. `metric_names`
-    maps a metric to its display name ("miou" → "mIoU"). Epochs without a value are skipped."""
-    names = {**_CURVE_NAMES, **(metric_names or {})}
+    maps a metric, as a history names it after "train_" / "val_", to its display name ("miou" →
+    "mIoU"). Epochs without a value are skipped."""
+    names = dict(metric_names or {})
     series: dict[str, tuple[list, dict[tuple[str, str], list]]] = {}
     term_series: dict[str, dict[str, list]] = {}
     for label, epochs in histories.items():

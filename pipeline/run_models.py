@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.tasks import get_task
+from pipeline.tasks import DEFAULT_TASK, get_task, task_for
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from pipeline.schema import Config
     from pipeline.stage import StageContext
 
 PRUNED_FORMAT = "edge-mgd-pruned"
@@ -36,18 +36,23 @@ PRUNED_VERSION = 1
 
 def build_teacher(cfg: "Config", num_classes: int, weights: str | None = None) -> nn.Module:
     """The `[teacher]` architecture for this run's task and data (configured or given weights)."""
-    t = cfg.teacher
-    return get_task(cfg.pipeline.task).build_model(
-        t.arch, num_classes, image_size=cfg.data.image_size, small_input=t.small_input,
-        weights=t.weights if weights is None else weights, base_dir=cfg.resolve("."), fpn_channels=t.fpn_channels)
+    return _build(cfg, cfg.teacher, cfg.teacher.arch, num_classes, weights)
 
 
 def build_student(cfg: "Config", num_classes: int, weights: str | None = None) -> nn.Module:
     """The `[distill] student` architecture for this run's task and data (configured or given weights)."""
-    d = cfg.distill
-    return get_task(cfg.pipeline.task).build_model(
-        d.student, num_classes, image_size=cfg.data.image_size, small_input=d.small_input,
-        weights=d.weights if weights is None else weights, base_dir=cfg.resolve("."), fpn_channels=d.fpn_channels)
+    return _build(cfg, cfg.distill, cfg.distill.student, num_classes, weights)
+
+
+def model_options(cfg: "Config", table: Any) -> dict[str, Any]:
+    """The task's model options (`Task.model_options`) as `table` ([teacher] or [distill]) sets them."""
+    return {k: getattr(table, k) for k in task_for(cfg).model_options}
+
+
+def _build(cfg: "Config", table: Any, arch: str, num_classes: int, weights: str | None) -> nn.Module:
+    return task_for(cfg).build_model(arch, num_classes, image_size=cfg.data.image_size,
+                                     weights=table.weights if weights is None else weights, base_dir=cfg.resolve("."),
+                                     **model_options(cfg, table))
 
 
 def check_weights_file(cfg: "Config", table: str, build: Callable[["Config", int], nn.Module]) -> None:
@@ -60,7 +65,7 @@ def check_weights_file(cfg: "Config", table: str, build: Callable[["Config", int
         raise ConfigError(f"{table}.weights = {weights!r}: file not found ({path})")
     global _CLASS_COUNT
     if _CLASS_COUNT is None or _CLASS_COUNT[0] is not cfg:
-        data = get_task(cfg.pipeline.task).load_data(cfg.data, cfg.pipeline.seed, cfg.resolve("."))
+        data = task_for(cfg).load_data(cfg.data, cfg.pipeline.seed, cfg.resolve("."))
         _CLASS_COUNT = (cfg, data.num_classes)
     build(cfg, _CLASS_COUNT[1])
 
@@ -78,23 +83,22 @@ def load_frozen_teacher(ctx: "StageContext") -> nn.Module:
 
 
 def pruned_payload(model: nn.Module, history: list, *, arch: str, num_classes: int, image_size: int,
-                   small_input: str, task: str = "classification", fpn_channels: int = 256) -> dict[str, Any]:
-    """The plain-data record of a pruned model (see the module docstring)."""
+                   task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The plain-data record of a pruned model (see the module docstring); ``options``: the
+    task's model options it was built with (plain values), ``task``: its `[pipeline] task`."""
     payload = {
         "format": PRUNED_FORMAT,
         "version": PRUNED_VERSION,
         "arch": arch,
         "num_classes": int(num_classes),
         "image_size": int(image_size),
-        "small_input": small_input,
+        **options,
         # Lists of plain Python values: loadable with weights_only=True.
         "history": [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    if task != "classification":  # absent means classification (artifacts written before tasks existed)
+    if task != DEFAULT_TASK:  # absent: the default task (artifacts written before tasks existed)
         payload["task"] = task
-    if fpn_channels != 256:  # absent means torchvision's width
-        payload["fpn_channels"] = int(fpn_channels)
     return payload
 
 
@@ -109,9 +113,9 @@ def rebuild_pruned(payload: dict[str, Any]) -> nn.Module:
 
     if payload.get("version") != PRUNED_VERSION:
         raise ConfigError(f"pruned artifact version {payload.get('version')!r} is not supported (expected {PRUNED_VERSION})")
-    task = get_task(payload.get("task", "classification"))
-    model = task.build_model(payload["arch"], payload["num_classes"], image_size=payload["image_size"],
-                             small_input=payload["small_input"], fpn_channels=int(payload.get("fpn_channels", 256)))
+    task = get_task(payload.get("task", DEFAULT_TASK))
+    options = {k: payload[k] for k in task.model_options if k in payload}
+    model = task.build_model(payload["arch"], payload["num_classes"], image_size=payload["image_size"], **options)
     model.eval()
     example = torch.zeros(1, 3, payload["image_size"], payload["image_size"])
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)

@@ -27,7 +27,6 @@ from pathlib import Path
 from pipeline import dist, faults
 from pipeline import gates as gates_mod
 from pipeline import ship as ship_mod
-from pipeline.config import Config
 from pipeline.errors import ConfigError, UserError
 from pipeline.lock import WorkdirLock
 from pipeline.manifest import (
@@ -40,8 +39,9 @@ from pipeline.manifest import (
     artifact_record,
     verify_artifact,
 )
+from pipeline.schema import Config
 from pipeline.stage import ScopedConfig, Stage, StageContext, StageUnavailable, load_stages, stages_for_target, targets
-from pipeline.tasks import get_task
+from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def preflight(cfg: Config, create: bool = True) -> None:
 
     Raises :class:`ConfigError` (exit code 2) so that a typo never touches the manifest.
     """
-    get_task(cfg.pipeline.task).check_data(cfg.data, cfg.resolve("."))
+    task_for(cfg).check_data(cfg.data, cfg.resolve("."))
     for stage in load_stages():
         if stage.preflight is not None and stage.enabled(cfg):
             stage.preflight(cfg)
@@ -232,12 +232,16 @@ class Runner:
         self._check_left_out_inputs(manifest)
         device = resolve_device(cfg.pipeline.device)
         versions = package_versions()
-        task = get_task(cfg.pipeline.task)
-        manifest.model.metric_units = dict(METRIC_UNITS)  # the units of the code that writes the metrics
+        task = task_for(cfg)
+        # The units of the code that writes the metrics: the task's quality metrics, then the rest.
+        manifest.model.metric_units = {**{m.name: {"unit": m.unit, "better": m.better} for m in task.quality},
+                                       **METRIC_UNITS}
         manifest.model.pipeline = {
             "name": cfg.pipeline.name,
             "chain": [s.name for s in self.stages],
-            "task": {"name": task.name, "metric": task.metric, "metrics": list(task.metrics)},
+            "task": {"name": task.name, "metric": task.metric, "metrics": list(task.metrics),
+                     "labels": {m.name: m.label for m in task.quality},
+                     "axes": {m.name: m.axis_label for m in task.quality}, "history": task.history_metric},
             "config": cfg.model_dump(mode="json"),
             "seed": cfg.pipeline.seed,
             "device": str(device),
@@ -506,7 +510,7 @@ class Runner:
                     m["speedup_vs_teacher"] = s
         # An INT8 build's FP32 counterpart may come from an earlier stage (trt_qdq vs onnx).
         measured = {a: m for rec in manifest.stages.values() for a, m in rec.metrics.items() if isinstance(m, dict)}
-        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates, get_task(self.cfg.pipeline.task).metric,
+        record.gates = gates_mod.check_stage(record, teacher, self.cfg.gates, task_for(self.cfg).metric,
                                              measured={**measured, **record.metrics})
         failed = any(g.passed is False for g in record.gates)
         if record.status in ("ok", "gate_failed"):

@@ -44,8 +44,9 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.3g} ms"
 
 
-def choose(model: ManifestModel, metric: str = "accuracy") -> dict[str, dict[str, Any]]:
-    """The ship decision for every target that has a measured or pending build.
+def choose(model: ManifestModel, metric: str) -> dict[str, dict[str, Any]]:
+    """The ship decision for every target that has a measured or pending build, judged on the
+    task's primary quality ``metric``.
 
     Candidates are the artifacts whose declared role ships to the target (an artifact that
     `supersedes` another, e.g. the pruned student over the unpruned one, replaces it). Returns

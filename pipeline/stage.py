@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.bench import Runtime
-    from pipeline.config import Config
+    from pipeline.schema import Config
     from pipeline.data import DataBundle
     from pipeline.tasks import Task
 
@@ -84,8 +84,13 @@ class ScopedConfig:
         self._stage = stage
         self._allowed = frozenset(reads) | ALWAYS_READABLE
 
+    @property
+    def unscoped(self) -> "Config":
+        """The whole config (for binding the run's task; see ``pipeline.tasks.task_for``)."""
+        return self._cfg
+
     def __getattr__(self, name: str) -> Any:
-        from pipeline.config import Config
+        from pipeline.schema import Config
 
         if name in Config.model_fields and name not in self._allowed:
             raise UndeclaredRead(f"stage {self._stage!r} reads [{name}] but does not declare it in `reads`, so its "
@@ -131,10 +136,9 @@ class StageContext:
         Binding reads the whole config, not the stage's scoped view: what it reads (the models'
         family and input size) is covered by every stage's key through its input artifacts.
         """
-        from pipeline.tasks import get_task
+        from pipeline.tasks import task_for
 
-        cfg = self.cfg._cfg if isinstance(self.cfg, ScopedConfig) else self.cfg
-        return get_task(cfg.pipeline.task).bind(cfg)
+        return task_for(self.cfg)
 
     @property
     def data(self) -> "DataBundle":

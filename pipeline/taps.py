@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
 
 # Root-level children that are output heads by name (classifiers, auxiliary classifiers).
 HEAD_NAMES = frozenset({"fc", "classifier", "aux_classifier", "head", "heads", "AuxLogits", "aux1", "aux2",

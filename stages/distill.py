@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from pipeline import unlabeled
-from pipeline.config import ConfigError, DistillConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import DistillConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import ArtifactRole
 from pipeline.run_models import build_student, build_teacher, check_weights_file, load_frozen_teacher
 from pipeline.stage import Measure, StageContext, StageResult, register
-from pipeline.tasks import get_task
+from pipeline.tasks import task_for
 from pipeline.torch_runtime import TorchRuntime
 from stages.distillation import distillation
 from stages.mgd import MGDHead
@@ -45,9 +46,9 @@ def _build_student(ctx: StageContext) -> nn.Module:
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
-    """Copy the teacher's tensors under ``prefixes`` into the student where names and shapes
-    match; return the names copied. The MGD authors start their RetinaNet students from the
-    teacher's neck and head this way (``init_student``)."""
+    """Copy the teacher's tensors under ``prefixes`` (the task's ``init_student_prefixes``) into
+    the student where names and shapes match; return the names copied. The MGD authors start
+    their RetinaNet students from the teacher's neck and head this way (``init_student``)."""
     own = student.state_dict()
     copied = {k: v for k, v in teacher.state_dict().items()
               if k.startswith(prefixes) and k in own and own[k].shape == v.shape}
@@ -62,7 +63,7 @@ def _train(ctx: StageContext, name: str, method: str, then: str = "") -> tuple[n
     cfg: DistillConfig = ctx.cfg.distill
     student = _build_student(ctx)
     if cfg.init_student and method != "none":
-        copied = init_from_teacher(student, load_frozen_teacher(ctx), ("backbone.fpn.", "head."))
+        copied = init_from_teacher(student, load_frozen_teacher(ctx), ctx.task.init_student_prefixes)
         log.info("%s: init_student copied %d tensors of the teacher's neck and head (%d elements)", name,
                  len(copied), sum(student.state_dict()[k].numel() for k in copied))
     with distillation(ctx, student, method) as wiring:
@@ -85,7 +86,7 @@ def preflight(cfg) -> None:
     Tap layers must exist and pair up in spatial size: probed on randomly initialised models,
     so a typo or an impossible pairing fails before the teacher trains, not after.
     """
-    task = get_task(cfg.pipeline.task)
+    task = task_for(cfg)
     try:
         task.check_arch(cfg.distill.student)
     except ConfigError as exc:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.taps import HEAD_NAMES, PROBE_SIZE, Stage, analyse, head_names
 
 # The largest factor between a teacher tap's and its student tap's H (or W) that MGD resamples.

@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from pipeline.bench import latency_metrics
-from pipeline.config import ConfigError, PruneConfig
-from pipeline.errors import LibraryError
+from pipeline.schema import PruneConfig
+from pipeline.errors import ConfigError, LibraryError
 from pipeline.evaluate import count_macs, count_params, evaluate_module
 from pipeline.manifest import ArtifactRole
 from pipeline.run_models import build_student, is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
 from pipeline.stage import Measure, StageContext, StageResult, register
-from pipeline.tasks import Task, get_task
+from pipeline.tasks import Task, task_for
 from pipeline.torch_runtime import TorchRuntime
 from stages.distillation import distillation
 from stages.training import fit, loaders, save_torch
@@ -234,8 +234,8 @@ def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:
     """The pruned artifact's plain-data record for the configured student."""
     d = ctx.cfg.distill
     return pruned_payload(model, history, arch=d.student, num_classes=ctx.data.num_classes,
-                          image_size=ctx.cfg.data.image_size, small_input=d.small_input, task=ctx.task.name,
-                          fpn_channels=d.fpn_channels)
+                          image_size=ctx.cfg.data.image_size, task=ctx.cfg.pipeline.task,
+                          options={k: getattr(d, k) for k in ctx.task.model_options})
 
 
 def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, list]:
@@ -262,7 +262,7 @@ def preflight(cfg) -> None:
     student: checked on a randomly initialised student before anything trains."""
     if not cfg.prune.enabled:
         return
-    task = get_task(cfg.pipeline.task)
+    task = task_for(cfg)
     with torch.random.fork_rng():  # probing must not shift the run's random stream
         student = build_student(cfg, 10, weights="").eval()
         make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune,

@@ -14,11 +14,12 @@ import logging
 
 import torch
 
-from pipeline.config import ConfigError, TeacherConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import TeacherConfig
 from pipeline.manifest import ArtifactRole
 from pipeline.run_models import build_teacher, check_weights_file
 from pipeline.stage import Measure, StageContext, StageResult, register
-from pipeline.tasks import get_task
+from pipeline.tasks import task_for
 from pipeline.torch_runtime import TorchRuntime
 from stages.training import fit, loaders, save_torch, state_dict_cpu
 
@@ -30,7 +31,7 @@ Config = TeacherConfig
 def preflight(cfg) -> None:
     """The teacher architecture exists for the task and its `weights` file (if any) fits it."""
     try:
-        get_task(cfg.pipeline.task).check_arch(cfg.teacher.arch)
+        task_for(cfg).check_arch(cfg.teacher.arch)
     except ConfigError as exc:
         raise ConfigError(f"teacher.arch: {exc}") from None
     if cfg.teacher.weights and not cfg.teacher.weights.startswith("torchvision:"):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from pipeline import dist, faults
-from pipeline.config import ConfigError, OptimConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import OptimConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import atomic_write_bytes
 from pipeline.ui import clock_after, format_duration, progress

@@ -581,7 +581,9 @@ def test_detection_end_to_end_on_a_coco_dataset(tmp_path):
 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["pipeline"]["task"] == {"name": "detection", "metric": "map", "metrics": ["map", "map_50"]}
+    assert manifest["pipeline"]["task"] == {"name": "detection", "metric": "map", "metrics": ["map", "map_50"],
+                                            "labels": {"map": "mAP", "map_50": "mAP@50"},
+                                            "axes": {"map": "mAP", "map_50": "mAP@50"}, "history": "map"}
     stages = manifest["stages"]
     assert {n: r["status"] for n, r in stages.items()} == {n: "ok" for n in
                                                           ("teacher", "distill", "prune", "onnx", "openvino", "tensorrt")}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.config import recipe_rows, reference_rows
+import pytest
+
+from pipeline.config import recipe_rows, reference_rows, source_rows, task_rows
 from pipeline.runner import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,15 @@ def test_every_config_key_is_in_the_reference_with_its_default():
 def test_every_tasks_recipe_is_in_the_reference_as_declared():
     stale = [row[0] for row in recipe_rows() if "| " + " | ".join(row) + " |" not in CONFIG_DOC]
     assert not stale, f"docs/config.md's task recipes differ from the code for: {stale}"
+
+
+@pytest.mark.parametrize("rows", [task_rows, source_rows], ids=["model-pairs-and-options", "data-sources"])
+def test_every_tasks_declarations_are_in_the_reference(rows):
+    def line(row):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+    stale = [row[:2] for row in rows() if line(row) not in CONFIG_DOC]
+    assert rows() and not stale, f"docs/config.md's task defaults differ from the declarations for: {stale}"
 
 
 def test_quickstart_has_exactly_two_commands_and_ci_uses_the_test_one():

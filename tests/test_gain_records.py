@@ -7,7 +7,7 @@ import json
 
 from pipeline import gain_records
 from pipeline.report import measured
-from pipeline.report.rows import Task
+from pipeline.report.rows import RecordedTask
 
 
 def _stage(method: str = "mgd+kd", unlabeled: str = "rest", **distill) -> dict:
@@ -48,7 +48,7 @@ def test_a_run_finds_the_record_of_its_own_setting_and_method(tmp_path):
 
 
 def test_the_report_shows_the_paired_figure_or_the_command_that_measures_it(tmp_path, monkeypatch):
-    task = Task("classification", "accuracy", ("accuracy",))
+    task = RecordedTask("classification", "accuracy", ("accuracy",))
     monkeypatch.setattr(gain_records, "RESULTS", tmp_path)
     text = measured._paired(task, _stage(), "rest").text
     assert "No paired-seed benchmark is recorded for this setting" in text

@@ -25,7 +25,7 @@ def test_round_trip(tmp_path):
     assert rec.outputs["teacher"].bytes == 7
     assert rec.outputs["teacher"].sha256 == mf.sha256_file(art)
     assert rec.metrics["teacher"]["accuracy"] == 0.9
-    assert json.loads(m.path.read_text())["metric_units"]["accuracy"]["better"] == "higher"
+    assert json.loads(m.path.read_text())["metric_units"]["latency_p50_ms"]["better"] == "lower"
 
 
 def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):

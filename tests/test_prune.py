@@ -106,7 +106,7 @@ def test_round_trip_gives_identical_outputs():
     pruner.step()
     pruner.step()
     payload = pruned_payload(model, pruner.pruning_history(), arch="resnet18", num_classes=10, image_size=16,
-                             small_input="auto")
+                             task="classification", options={"small_input": "auto"})
     rebuilt = rebuild_pruned(payload).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():

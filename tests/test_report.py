@@ -681,7 +681,7 @@ def test_markdown_is_readable_raw_and_inert_rendered(tmp_path):
     from pipeline.manifest import ArtifactRole, StageRecord
 
     [g] = check_stage(StageRecord(status="ok", metrics={"s": {"accuracy": 0.9}}, artifacts={"s": ArtifactRole()}),
-                      {"accuracy": 0.95}, GatesConfig(max_accuracy_drop=0.02))
+                      {"accuracy": 0.95}, GatesConfig(max_accuracy_drop=0.02), metric="accuracy")
     data = manifest_dict()
     data["ship"] = {"torch": {"artifact": None, "reason": f"no build passes the quality gates: s: {g.message}",
                               "candidates": []}}

@@ -193,7 +193,9 @@ def test_segmentation_end_to_end_on_mask_folders(tmp_path):
     out = run_cli("run", str(tmp_path / "seg.toml"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["pipeline"]["task"] == {"name": "segmentation", "metric": "miou", "metrics": ["miou", "pixel_accuracy"]}
+    labels = {"miou": "mIoU", "pixel_accuracy": "pixel accuracy"}
+    assert manifest["pipeline"]["task"] == {"name": "segmentation", "metric": "miou", "metrics": ["miou", "pixel_accuracy"],
+                                            "labels": labels, "axes": labels, "history": "miou"}
     stages = manifest["stages"]
     assert {n: r["status"] for n, r in stages.items()} == {n: "ok" for n in
                                                           ("teacher", "distill", "prune", "onnx", "openvino", "tensorrt")}
@@ -212,10 +214,11 @@ def test_segmentation_end_to_end_on_mask_folders(tmp_path):
     assert (tmp_path / "run" / "report.html").read_text().count("mIoU") > 3
 
 
-def test_a_task_without_its_module_is_a_config_error(monkeypatch):
+def test_an_unknown_task_is_a_config_error_naming_the_choices():
     import pipeline.tasks as tasks
 
-    monkeypatch.setattr(tasks, "TASKS", (*tasks.TASKS, "tracking"))  # listed, but no module yet
-    with pytest.raises(ConfigError, match="pipeline.task = 'tracking' is not available in this version; "
-                                          "available: classification, segmentation, detection"):
+    with pytest.raises(ConfigError, match="pipeline.task = 'tracking': allowed: classification, detection, segmentation, "
+                                          "or the dotted path of an importable module that defines TASK"):
         tasks.get_task("tracking")
+    with pytest.raises(ConfigError, match="the module defines no TASK"):
+        tasks.get_task("json")  # importable, but not a task

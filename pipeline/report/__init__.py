@@ -29,14 +29,14 @@ from pipeline.report.fmt import fmt_count, fmt_ms, fmt_pct, fmt_pt, fmt_ratio, f
 from pipeline.report.html import render_html
 from pipeline.report.markdown import render_markdown
 from pipeline.report.rows import (
-    ArtifactRow, Task, int8_pairs, measured_artifacts, ordered_stages, same_runtime_teacher, ship_choices, task_of,
+    ArtifactRow, RecordedTask, int8_pairs, measured_artifacts, ordered_stages, same_runtime_teacher, ship_choices, task_of,
     teacher_row,
 )
 from pipeline.report.sections import build_sections, config_toml, headline
 from pipeline.report.terminal import status_view, summary_table
 
 __all__ = [
-    "REPORT_HTML", "REPORT_MD", "ArtifactRow", "Img", "Para", "Pre", "Section", "Tab", "Task", "build_sections",
+    "REPORT_HTML", "REPORT_MD", "ArtifactRow", "Img", "Para", "Pre", "Section", "Tab", "RecordedTask", "build_sections",
     "config_toml", "fmt_count", "fmt_ms", "fmt_pct", "fmt_pt", "fmt_ratio", "fmt_size", "headline", "int8_pairs",
     "load_run", "measured_artifacts", "metric_label", "ordered_stages", "render_html", "render_markdown",
     "same_runtime_teacher", "ship_choices", "status_view", "summary_table", "task_of", "teacher_row", "write_report",

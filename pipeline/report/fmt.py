@@ -1,7 +1,7 @@
 """Formatting measured values as short strings, and naming the quality metrics.
 
-Quality metrics (accuracy, mIoU, pixel accuracy, mAP, ...) are fractions 0..1, higher is
-better: they are shown as percentages, and their differences in percentage points.
+Quality metrics are fractions 0..1, higher is better: they are shown as percentages, and their
+differences in percentage points. Their names come from the tasks' declarations.
 """
 
 from __future__ import annotations
@@ -9,24 +9,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# Display names of the quality metrics a task may record; any other name is shown with its
-# underscores as spaces. "acc" is how per-epoch histories of classification spell accuracy.
-_METRIC_LABELS = {
-    "accuracy": "accuracy", "acc": "accuracy", "miou": "mIoU", "pixel_accuracy": "pixel accuracy",
-    "map": "mAP", "map_50": "mAP@50",
-}
-# Plot axis labels, where they say more than the display name.
-_AXIS_LABELS = {"accuracy": "top-1 accuracy", "acc": "top-1 accuracy"}
-
-
 def metric_label(name: str) -> str:
-    """'miou' → 'mIoU', 'map_50' → 'mAP@50', 'accuracy' → 'accuracy'."""
-    return _METRIC_LABELS.get(name, name.replace("_", " "))
+    """A quality metric's display name as a built-in task declares it ('miou' → 'mIoU'; a
+    task's history name, e.g. 'acc', as its primary metric); any other name with its
+    underscores as spaces."""
+    from pipeline.tasks import known_metrics
+
+    found = known_metrics().get(name)
+    return found.label if found else name.replace("_", " ")
 
 
 def axis_label(name: str) -> str:
-    """The label of a plot axis showing this metric (in %): 'accuracy' → 'top-1 accuracy'."""
-    return _AXIS_LABELS.get(name, metric_label(name))
+    """The label of a plot axis showing this metric (in %), where it says more than the display
+    name ('top-1 accuracy'), as a built-in task declares it."""
+    from pipeline.tasks import known_metrics
+
+    found = known_metrics().get(name)
+    return found.axis_label if found else metric_label(name)
 
 
 def is_num(x: Any) -> bool:

@@ -10,10 +10,10 @@ from pipeline import gain_records, plots
 from pipeline.manifest import Manifest
 from pipeline.report.blocks import Img, Para, Section, Tab
 from pipeline.report.fmt import (
-    axis_label, diff, fmt_count, fmt_ms, fmt_pct, fmt_pt, fmt_ratio, fmt_size, fmt_speed, is_num, metric_label, ratio,
+    diff, fmt_count, fmt_ms, fmt_pct, fmt_pt, fmt_ratio, fmt_size, fmt_speed, is_num, ratio,
 )
 from pipeline.report.rows import (
-    ArtifactRow, Task, delta_vs_teacher, gate_text, int8_pairs, ordered_stages, per_image_metric, same_runtime_teacher,
+    ArtifactRow, RecordedTask, delta_vs_teacher, gate_text, int8_pairs, ordered_stages, per_image_metric, same_runtime_teacher,
     teacher_row, training_method, validation_images,
 )
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 CAVEAT = "†"
 
 
-def validity(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> Para | None:
+def validity(rows: list[ArtifactRow], task: RecordedTask, manifest: Manifest) -> Para | None:
     """How many validation images the quality figures rest on, and so their resolution."""
     counts = validation_images(rows)
     if not counts:
@@ -47,7 +47,7 @@ def _caveats(rows: list[ArtifactRow]) -> list[Para]:
     return [Para(f"{CAVEAT} Latency caveat, {r.name}: {r.latency_note}", "warn") for r in rows if r.latency_note]
 
 
-def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> Section:
+def artifact_table(rows: list[ArtifactRow], task: RecordedTask, manifest: Manifest) -> Section:
     sec = Section("artifacts", "Artifacts")
     if not rows:
         sec.blocks.append(Para("No artifact has been measured yet.", "note"))
@@ -95,7 +95,7 @@ def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> S
         sec.blocks.append(note)
     # The figures that matter in one narrow table; the latency detail and the costs below it.
     sec.blocks.append(Tab(
-        ["stage", "artifact", "runtime", "precision", task.label, "Δ vs teacher", *map(metric_label, task.others),
+        ["stage", "artifact", "runtime", "precision", task.label, "Δ vs teacher", *map(task.label_of, task.others),
          "p50 ms", "speedup vs teacher, same runtime", "speedup vs teacher (torch eager)", "gates"],
         key, row_classes=classes,
     ))
@@ -121,15 +121,15 @@ def artifact_table(rows: list[ArtifactRow], task: Task, manifest: Manifest) -> S
     return sec
 
 
-def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: Task) -> Section:
+def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: RecordedTask) -> Section:
     sec = Section("plots", "Plots")
     histories: dict[str, list] = {}
     for stage, rec in ordered_stages(manifest):
         for art, epochs in rec.history.items():
             label = f"{art} (healing)" if stage == "prune" else art
             histories[label if label not in histories else f"{label} ({stage})"] = epochs
-    name, axis = task.label, axis_label(task.metric)
-    curve_names = {k: axis_label(k) for k in task.metrics}
+    name, axis = task.label, task.axis_of(task.metric)
+    curve_names = task.curve_names()
     # A latency that is not the target's has no place on a latency axis; the teacher's builds
     # and the baseline are references, drawn but never part of the front.
     timed = [r for r in rows if not r.latency_note]
@@ -158,7 +158,7 @@ def plot_section(rows: list[ArtifactRow], manifest: Manifest, task: Task) -> Sec
     return sec
 
 
-def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
+def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTask) -> Section:
     sec = Section("mgd", "Distillation gain (MGD)")
     rec = manifest.stages.get("distill")
     students = [r for r in rows if r.stage == "distill" and r.model != "teacher"]
@@ -184,7 +184,7 @@ def mgd_gain(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section
     sec.blocks.append(Tab(["student", "distillation", task.label, "Δ vs baseline", "Δ vs teacher"], table))
     gain = diff(student.metrics.get(task.metric), base_val) if student else None
     if gain is not None:
-        unit = "" if task.metric == "accuracy" else f" {task.label}"
+        unit = "" if len(task.metrics) == 1 else f" {task.label}"  # name the metric where there are several
         counts = validation_images([student, base])
         images = ""
         if len(counts) == 1 and per_image_metric(manifest, task.metric):
@@ -207,7 +207,7 @@ def _spread(x: float) -> str:
     return fmt_pt(x).lstrip("+")
 
 
-def _paired(task: Task, stage_config: dict, stream: str) -> Para:
+def _paired(task: RecordedTask, stage_config: dict, stream: str) -> Para:
     """The benchmark's paired-seed figure for this run's setting, or the command that measures it."""
     found = gain_records.find(task.name, stage_config)
     if found is None:
@@ -250,7 +250,7 @@ def _back_to_back(m: dict, key: str, recorded: str | None) -> tuple[float | None
     return (before, after, speedup) if is_num(before) and is_num(after) else (None, None, None)
 
 
-def pruning(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
+def pruning(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTask) -> Section:
     sec = Section("pruning", "Pruning before / after")
     rec = manifest.stages.get("prune")
     pruned = [r for r in rows if r.stage == "prune" and any(k.endswith("_before") or k.endswith("_before_heal")
@@ -259,7 +259,7 @@ def pruning(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
         why = f"prune {rec.status}" + (f": {rec.reason}" if rec.reason else "") if rec is not None else "the prune stage has not run"
         sec.blocks.append(Para(f"No pruning measured ({why}).", "note"))
         return sec
-    specs = [(k, metric_label(k), fmt_pct) for k in task.metrics] + [
+    specs = [(k, task.label_of(k), fmt_pct) for k in task.metrics] + [
         ("params", "params", fmt_count), ("macs", "MACs per image", fmt_count), ("size_bytes", "size", fmt_size),
     ]
     for r in pruned:
@@ -309,7 +309,7 @@ def pruning(manifest: Manifest, rows: list[ArtifactRow], task: Task) -> Section:
     return sec
 
 
-def int8(rows: list[ArtifactRow], task: Task) -> Section:
+def int8(rows: list[ArtifactRow], task: RecordedTask) -> Section:
     sec = Section("int8", "INT8 vs FP32 per target")
     pairs = int8_pairs(rows)
     if not pairs:

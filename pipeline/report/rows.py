@@ -14,27 +14,45 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pipeline.gates import gate_value_text
-from pipeline.manifest import PER_IMAGE_FRACTION, ArtifactRole, GateResult, Manifest, StageRecord
-from pipeline.report.fmt import diff, is_num, metric_label
-
-# Manifests written before the task was recorded are classification runs.
-DEFAULT_TASK = {"name": "classification", "metric": "accuracy", "metrics": ["accuracy"]}
+from pipeline.manifest import ArtifactRole, GateResult, Manifest, StageRecord
+from pipeline.report.fmt import axis_label, diff, is_num, metric_label
+from pipeline.tasks.base import PER_IMAGE_FRACTION
 # How a role's runtime is shown, where it is not its own name.
 _RUNTIME_LABELS = {"torch": "torch eager"}
 
 
 @dataclass(frozen=True)
-class Task:
-    """The run's task and its quality metrics (fractions 0..1, higher is better)."""
+class RecordedTask:
+    """The run's task as its manifest records it, and its quality metrics (fractions 0..1,
+    higher is better) with the display names the task declared."""
 
     name: str
     metric: str  # the primary metric: gated, plotted, compared with the teacher
     metrics: tuple[str, ...]  # every quality metric recorded, the primary one first
+    labels: dict[str, str] = field(default_factory=dict)  # metric → display name, as recorded
+    axes: dict[str, str] = field(default_factory=dict)  # metric → plot axis label, as recorded
+    history: str = ""  # the primary metric's name in per-epoch histories (val_<history>)
 
     @property
     def label(self) -> str:
         """The primary metric's display name: 'accuracy', 'mIoU', 'mAP'."""
-        return metric_label(self.metric)
+        return self.label_of(self.metric)
+
+    def label_of(self, metric: str) -> str:
+        """A metric's display name: as the run recorded it, else as a built-in task declares it."""
+        return self.labels.get(metric) or metric_label(metric)
+
+    def axis_of(self, metric: str) -> str:
+        """A plot axis label for a metric (in %): as recorded, else as a built-in task declares it."""
+        return self.axes.get(metric) or axis_label(metric)
+
+    def curve_names(self) -> dict[str, str]:
+        """Axis labels of every metric as per-epoch histories name them (the primary one also by
+        its history name)."""
+        names = {m: self.axis_of(m) for m in self.metrics}
+        if self.history and self.history not in names:
+            names[self.history] = self.axis_of(self.metric)
+        return names
 
     @property
     def others(self) -> tuple[str, ...]:
@@ -42,15 +60,26 @@ class Task:
         return tuple(m for m in self.metrics if m != self.metric)
 
 
-def task_of(manifest: Manifest) -> Task:
-    """The task recorded in `pipeline["task"]`; classification (accuracy) when absent."""
+def task_of(manifest: Manifest) -> RecordedTask:
+    """The task recorded in `pipeline["task"]`; the default task when absent (manifests written
+    before the task was recorded)."""
+    from pipeline.tasks import DEFAULT_TASK, get_task
+
+    default = get_task(DEFAULT_TASK)
     raw = manifest.model.pipeline.get("task")
-    raw = raw if isinstance(raw, dict) else DEFAULT_TASK
+    raw = raw if isinstance(raw, dict) else {"name": default.name, "metric": default.metric,
+                                             "metrics": list(default.metrics), "history": default.history_metric}
     metric = raw.get("metric")
-    metric = metric if isinstance(metric, str) and metric else DEFAULT_TASK["metric"]
+    metric = metric if isinstance(metric, str) and metric else default.metric
     listed = raw.get("metrics") if isinstance(raw.get("metrics"), list) else []
     metrics = [metric] + [m for m in listed if isinstance(m, str) and m and m != metric]
-    return Task(str(raw.get("name") or DEFAULT_TASK["name"]), metric, tuple(dict.fromkeys(metrics)))
+
+    def names(key: str) -> dict[str, str]:
+        found = raw.get(key)
+        return {str(k): str(v) for k, v in found.items() if v} if isinstance(found, dict) else {}
+
+    return RecordedTask(str(raw.get("name") or default.name), metric, tuple(dict.fromkeys(metrics)),
+                        labels=names("labels"), axes=names("axes"), history=str(raw.get("history") or ""))
 
 
 def runtime_label(runtime: str | None) -> str:
@@ -117,8 +146,13 @@ def deploy_file(manifest: Manifest, artifact: str | None) -> str:
 def per_image_metric(manifest: Manifest, metric: str) -> bool:
     """Whether the metric is a share of the validation images (its unit, as the manifest
     records it), so that one image is 1/N of it: top-1 accuracy yes, mIoU and mAP no."""
+    from pipeline.tasks import known_metrics
+
     unit = manifest.model.metric_units.get(metric)
-    return isinstance(unit, dict) and unit.get("unit") == PER_IMAGE_FRACTION
+    if not isinstance(unit, dict):  # not recorded: as a built-in task declares it
+        declared = known_metrics().get(metric)
+        unit = {"unit": declared.unit} if declared else {}
+    return unit.get("unit") == PER_IMAGE_FRACTION
 
 
 @dataclass

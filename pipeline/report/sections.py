@@ -85,7 +85,7 @@ def _ship(manifest: Manifest) -> Section:
                 continue
             passes = c.get("passes")
             candidates.append([target, str(c.get("artifact", "—")), str(c.get("runtime", "—")), str(c.get("precision", "—")),
-                               fmt_pct(c.get(task.metric, c.get("accuracy"))), fmt_ms(c.get("latency_p50_ms")),
+                               fmt_pct(c.get(task.metric)), fmt_ms(c.get("latency_p50_ms")),
                                "yes" if passes is True else "no" if passes is False else "—",
                                "shipped" if art and c.get("artifact") == art else "", str(c.get("why") or "")])
     sec.blocks.append(Tab(["target", "ship", "file to deploy (in the run directory)", "why"], chosen,

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import PER_IMAGE_FRACTION, Metric, Source, Task
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.config import DataConfig, KDConfig, OptimConfig
+    from pipeline.schema import DataConfig, KDConfig, OptimConfig
     from pipeline.data import DataBundle
 
 
@@ -41,12 +41,20 @@ class Classification(Task):
     """``(image, int label)`` items; a model returning ``N×num_classes`` logits."""
 
     name = "classification"
-    metric = "accuracy"
-    metrics = ("accuracy",)
+    quality = (Metric("accuracy", "accuracy", unit=PER_IMAGE_FRACTION, axis="top-1 accuracy"),)
     history_metric = "acc"
     agreement = "top1_agreement"
     output_names = ("logits",)
-    sources = ("digits", "imagefolder", "torchvision")
+    sources = (
+        Source("digits", about="scikit-learn's 1,797 handwritten digits (embedded, no download)"),
+        Source("imagefolder", {"root": "root = path with train/ and val/ subfolders"},
+               about="root/train/<class>/*, root/val/<class>/*"),
+        Source("torchvision", {"name": "name = a torchvision dataset class, e.g. 'CIFAR10'"},
+               about="a torchvision.datasets class by name (data.name; data.root: its download folder)"),
+    )
+    default_pair = ("resnet34", "resnet18")
+    model_options = ("small_input",)  # the stride-1 stem for small inputs
+    gate_aliases = {"max_accuracy_drop": "max_metric_drop", "max_int8_accuracy_drop": "max_int8_metric_drop"}
     # The paper's classification settings: a channel mask (λ 0.15) on the last backbone stage.
     # Their α, 7e-5, fits a 7×7 ResNet layer4 at 224 px; "auto" fits any map (stages/mgd.py).
     mgd_defaults = {"alpha": "auto", "mask_ratio": 0.15, "mask": "channel"}
@@ -68,7 +76,7 @@ class Classification(Task):
 
     def unlabeled_transform(self, cfg: "DataConfig") -> Any:
         """The evaluation transform (resize, or resize + centre crop from 64 px; normalised)."""
-        from pipeline.tasks.classification.data import eval_transform
+        from pipeline.tasks.classification.transforms import eval_transform
 
         return eval_transform(cfg)
 
@@ -77,8 +85,8 @@ class Classification(Task):
 
         check_arch(arch)
 
-    def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
+    def build_model(self, arch: str, num_classes: int, *, image_size: int, weights: str = "",
+                    base_dir: Path = Path("."), small_input: str = "auto") -> "nn.Module":
         from pipeline.tasks.classification.models import build_model
 
         return build_model(arch, num_classes, image_size=image_size, small_input=small_input, weights=weights,

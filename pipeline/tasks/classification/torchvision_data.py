@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import ConfigError
+from pipeline.schema import DataConfig
 from pipeline.data import TransformedDataset, labels_of, resolve_path
-from pipeline.tasks.classification.data import eval_transform
+from pipeline.tasks.classification.transforms import eval_transform
 
 def _torchvision_dataset_names() -> list[str]:
     import torchvision.datasets as tvd

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.config import DataConfig
+    from pipeline.schema import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from pipeline.config import DataConfig
+from pipeline.schema import DataConfig
 from pipeline.data import DataBundle
 from pipeline.errors import ConfigError
 

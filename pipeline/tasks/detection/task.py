@@ -24,19 +24,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import Metric, Source, Task
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.config import Config, DataConfig, KDConfig, OptimConfig
+    from pipeline.schema import Config, DataConfig, KDConfig, OptimConfig
     from pipeline.data import DataBundle
 
 log = logging.getLogger(__name__)
 
 # The post-processing every runtime's raw outputs go through (torchvision's detector defaults).
 POSTPROCESS = {"score_thresh": 0.05, "nms_iou": 0.5, "topk_candidates": 1000, "max_detections": 100}
+# What `[data] source = "coco"` needs set.
+_COCO_KEYS = ("train_images", "train_annotations", "val_images", "val_annotations")
+_COCO_NEEDS = "train_images, train_annotations, val_images and val_annotations (image folders and COCO instances JSON files)"
 # Parity: a reference detection this confident must be found again (same class, IoU >= 0.9).
 PARITY_SCORE, PARITY_IOU = 0.3, 0.9
 
@@ -96,12 +99,19 @@ class Detection(Task):
     """``(image, {boxes, labels, ...})`` items; a model returning raw head outputs (see detmodels)."""
 
     name = "detection"
-    metric = "map"
-    metrics = ("map", "map_50")
+    quality = (Metric("map", "mAP"), Metric("map_50", "mAP@50"))
     history_metric = "map"
     agreement = "box_agreement"
     output_names = ("cls_logits", "bbox_regression")  # RetinaNet's and SSD's; FCOS adds bbox_ctrness (bound)
-    sources = ("scenes", "coco")
+    sources = (
+        Source("scenes", about="digit scenes composed from scikit-learn's digits (embedded), a box per digit"),
+        Source("coco", dict.fromkeys(_COCO_KEYS, _COCO_NEEDS),
+               about="COCO instances JSON files and their image folders"),
+    )
+    default_pair = ("fcos_resnet34_fpn", "fcos_resnet18_fpn")
+    model_options = ("fpn_channels",)  # the FPN and head width (torchvision's 256)
+    # The MGD authors' RetinaNet recipe starts the student from the teacher's neck and head.
+    init_student_prefixes = ("backbone.fpn.", "head.")
     # The authors' λ and pixel mask; their α (2e-5) fits FPN levels of 1333×800, "auto" any size.
     mgd_defaults = {"alpha": "auto", "mask_ratio": 0.65, "mask": "pixel"}
     # From scratch on a few hundred images: AdamW lr 1e-3 with warm-up, batch 8 (SGD lr 0.02
@@ -123,7 +133,10 @@ class Detection(Task):
         """This task for a run: decoding follows the teacher's family at ``[data] image_size``."""
         from pipeline.tasks.detection.models import det_arch_kind
 
-        kind = det_arch_kind(cfg.teacher.arch)
+        try:
+            kind = det_arch_kind(cfg.teacher.arch)
+        except ConfigError:  # an unknown teacher: its preflight names the key and the choices
+            return self
         if self.kind == kind and self.image_size == cfg.data.image_size:
             return self
         return Detection(kind, cfg.data.image_size)
@@ -164,8 +177,8 @@ class Detection(Task):
                 "MGD pairs the same FPN levels and every build decodes its outputs the same way"
             )
 
-    def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
+    def build_model(self, arch: str, num_classes: int, *, image_size: int, weights: str = "",
+                    base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
         from pipeline.tasks.detection.models import build_det_model
 
         return build_det_model(arch, num_classes, image_size=image_size, weights=weights, base_dir=base_dir,

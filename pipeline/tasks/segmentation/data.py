@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pipeline.config import DataConfig
+from pipeline.schema import DataConfig
 from pipeline.data import DataBundle
 from pipeline.errors import ConfigError
 from pipeline.tasks.common.scenes import scene_spec

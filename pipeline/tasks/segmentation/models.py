@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.tasks.common.weights import (
     TORCHVISION_WEIGHTS_PREFIX,
     standard_bn_momentum,
@@ -51,8 +51,19 @@ OUTPUT_STRIDES = (8, 16, 32)
 ASPP_RATES = (12, 24, 36)  # torchvision's DeepLabHead rates, at the arch's default output stride
 
 
+# Each backbone's facts, as timm keeps them with a model: its last feature stage (the MGD tap,
+# where the authors tap segmentation models) under the segmentation model's `backbone`.
+BACKBONE_LAST_STAGE = {"resnet18": "backbone.layer4", "resnet34": "backbone.layer4", "resnet50": "backbone.layer4",
+                       "mobilenet_v3_large": "backbone.16"}
+
+
 def _backbone_of(arch: str) -> str:
     return arch.split("_", 1)[1]
+
+
+def last_backbone_stage(arch: str) -> str:
+    """The last feature stage of ``arch``'s backbone (``backbone.layer4``, MobileNetV3's ``backbone.16``)."""
+    return BACKBONE_LAST_STAGE.get(_backbone_of(arch), "backbone.layer4")  # an unknown arch fails in check_arch
 
 
 def default_output_stride(arch: str) -> int:

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.tasks.base import Task
+from pipeline.errors import ConfigError
+from pipeline.tasks.base import Metric, Source, Task
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.config import DataConfig, KDConfig, OptimConfig
+    from pipeline.schema import Config, DataConfig, KDConfig, OptimConfig
     from pipeline.data import DataBundle
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,17 @@ class Segmentation(Task):
     """``(image, S×S class-index mask)`` items; a model returning ``N×C×S×S`` logits."""
 
     name = "segmentation"
-    metric = "miou"
-    metrics = ("miou", "pixel_accuracy")
+    quality = (Metric("miou", "mIoU"), Metric("pixel_accuracy", "pixel accuracy"))
     history_metric = "miou"
     agreement = "pixel_agreement"
     output_names = ("logits",)
-    sources = ("scenes", "masks")
+    sources = (
+        Source("scenes", about="digit scenes composed from scikit-learn's digits (embedded), a mask per scene"),
+        Source("masks", {"root": "root = path with train/images, train/masks, val/images and val/masks",
+                         "num_classes": "the class count, background included (>= 2)"},
+               about="root/{train,val}/{images,masks}/*: mask PNGs of class indices, 255 = ignore"),
+    )
+    default_pair = ("deeplabv3_resnet34", "deeplabv3_resnet18")
     # The authors' λ and pixel mask; their α (2e-5) fits 1/8 of 512×1024, "auto" fits any map.
     mgd_defaults = {"alpha": "auto", "mask_ratio": 0.75, "mask": "pixel"}
     # From scratch on a few hundred images: AdamW with warm-up learns where SGD lr 0.02 stalls;
@@ -64,6 +70,10 @@ class Segmentation(Task):
                         "grad_clip": 35.0},
               "batch_size": 16, "heal_lr": 5e-4}
     kd_defaults = {"temperature": 4.0, "weight": 3.0}
+
+    def check_config(self, cfg: "Config") -> None:
+        if cfg.data.source == "masks" and cfg.data.num_classes < 2:
+            raise ConfigError("data.num_classes: source 'masks' needs the class count, background included (>= 2)")
 
     def check_data(self, cfg: "DataConfig", base_dir: Path) -> None:
         from pipeline.tasks.segmentation.data import check_masks, scene_spec
@@ -95,15 +105,17 @@ class Segmentation(Task):
 
         check_seg_arch(arch)
 
-    def build_model(self, arch: str, num_classes: int, *, image_size: int, small_input: str = "auto",
-                    weights: str = "", base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
+    def build_model(self, arch: str, num_classes: int, *, image_size: int, weights: str = "",
+                    base_dir: Path = Path(".")) -> "nn.Module":
         from pipeline.tasks.segmentation.models import build_seg_model
 
         return build_seg_model(arch, num_classes, weights=weights, base_dir=base_dir)
 
     def default_layers(self, arch: str) -> list[str]:
         """The last backbone stage, where the authors tap segmentation models."""
-        return ["backbone.16"] if "mobilenet" in arch else ["backbone.layer4"]
+        from pipeline.tasks.segmentation.models import last_backbone_stage
+
+        return [last_backbone_stage(arch)]
 
     def prune_keep(self, model: "nn.Module") -> list[str]:
         from pipeline.tasks.segmentation.models import seg_head_layers
