@@ -60,7 +60,7 @@ def _step_fns(teacher_arch: str, student_arch: str, size: int, batch: int, small
     s_tap = FeatureTap(student, cfg.mgd.student_layers, role="student")
     t_tap = FeatureTap(teacher, cfg.mgd.teacher_layers, role="teacher")
     def mgd_loss(model, images, labels):
-        # What stages/distillation.py builds for method "mgd": task loss + MGD on the tapped features.
+        # What stages/distill_loss.py builds for method "mgd": task loss + MGD on the tapped features.
         logits = model(images)
         with torch.no_grad():
             teacher(images)

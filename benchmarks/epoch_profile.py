@@ -5,7 +5,7 @@ its image size, its batch size), in one run:
   1. one teacher epoch over the full training split, profiled with torch.profiler: the share of
      data loading (the DataLoader, tensors in memory) and the top operators by self CPU time;
   2. the median step time of teacher and student at 32 px and at the config's size, with torch's
-     convolution weight gradient and with the GEMM one of `stages/cpuconv.py` (interleaved, so
+     convolution weight gradient and with the GEMM one of `stages/fast_conv_grad.py` (interleaved, so
      drift on a noisy machine hits every variant alike), and the ratios.
 
     python benchmarks/epoch_profile.py
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from pipeline import config
 from pipeline.tasks.classification.data import load_data
 from pipeline.tasks.classification.models import build_model
-from stages.cpuconv import fast_weight_grad
+from stages.fast_conv_grad import fast_weight_grad
 
 ROOT = Path(__file__).resolve().parents[1]
 

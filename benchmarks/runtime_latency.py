@@ -92,7 +92,7 @@ def _demo_builds(run: Path, threads: int) -> tuple[dict, dict, tuple[int, int, i
     from pipeline import config as config_mod
     from pipeline.manifest import Manifest
     from pipeline.tasks.classification.models import build_model as build
-    from pipeline.run_models import load_student
+    from pipeline.models import load_student
 
     manifest = Manifest.load(run)
     cfg = config_mod.from_dict(manifest.model.pipeline["config"], base_dir=run)

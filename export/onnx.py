@@ -48,7 +48,7 @@ from pipeline import dist, faults
 from pipeline.errors import ConfigError
 from pipeline.schema import OnnxConfig
 from pipeline.manifest import ArtifactRole, atomic_write_bytes
-from pipeline.run_models import build_teacher, load_final_student
+from pipeline.models import build_teacher, load_final_student
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import Task
 from pipeline.torch_runtime import TorchRuntime

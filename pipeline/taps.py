@@ -30,7 +30,7 @@ PROBE_SIZE = 224  # the dry forward's input side: the stages' names do not depen
 
 
 @dataclass(frozen=True)
-class Stage:
+class FeatureStage:
     """A layer whose output is a feature map: its name and output shape (C, H, W)."""
 
     name: str
@@ -107,8 +107,8 @@ def _dry_forward(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, _R
 
 
 def _walk(module: nn.Module, prefix: str, runs: dict[str, _Run], heads: list[str],
-          stages: list[tuple[int, Stage]], blockers: list[int], head_side: bool = False) -> None:
-    level: list[tuple[int, Stage, nn.Module]] = []
+          stages: list[tuple[int, FeatureStage]], blockers: list[int], head_side: bool = False) -> None:
+    level: list[tuple[int, FeatureStage, nn.Module]] = []
     for child_name, child in module.named_children():
         name = prefix + child_name
         if (not prefix and child_name in HEAD_NAMES) or any(name == h or name.startswith(h + ".") for h in heads):
@@ -123,7 +123,7 @@ def _walk(module: nn.Module, prefix: str, runs: dict[str, _Run], heads: list[str
         elif not _owns_params(child):
             continue  # pooling, activations, dropout, reshapes
         elif _is_map(run.output):
-            level.append((run.order, Stage(name, tuple(int(d) for d in run.output.shape[1:])), child))
+            level.append((run.order, FeatureStage(name, tuple(int(d) for d in run.output.shape[1:])), child))
         elif not head_side:
             blockers.append(run.order)  # e.g. a transformer encoder on tokens
     stages.extend((order, stage) for order, stage, _ in level)
@@ -133,10 +133,10 @@ def _walk(module: nn.Module, prefix: str, runs: dict[str, _Run], heads: list[str
 
 
 def analyse(model: nn.Module, input_shape: tuple[int, ...], *,
-            exclude: tuple[str, ...] = ()) -> tuple[list[Stage], Stage | None]:
+            exclude: tuple[str, ...] = ()) -> tuple[list[FeatureStage], FeatureStage | None]:
     """``(feature_stages(...), last_feature_stage(...))`` from one dry forward."""
     runs = _dry_forward(model, input_shape)
-    found: list[tuple[int, Stage]] = []
+    found: list[tuple[int, FeatureStage]] = []
     blockers: list[int] = []
     _walk(model, "", runs, _heads(model, exclude), found, blockers)
     found.sort(key=lambda item: item[0])
@@ -146,13 +146,13 @@ def analyse(model: nn.Module, input_shape: tuple[int, ...], *,
     return [s for _, s in found], (last[1] if last else None)
 
 
-def feature_stages(model: nn.Module, input_shape: tuple[int, ...], *, exclude: tuple[str, ...] = ()) -> list[Stage]:
+def feature_stages(model: nn.Module, input_shape: tuple[int, ...], *, exclude: tuple[str, ...] = ()) -> list[FeatureStage]:
     """The model's feature stages in the order their forwards finish, with their (C, H, W) at
     ``input_shape`` (one dry forward of a zero image, in eval mode, on the model's device).
     ``exclude``: names of output heads beyond the ones found by name and by :func:`head_names`."""
     return analyse(model, input_shape, exclude=exclude)[0]
 
 
-def last_feature_stage(model: nn.Module, input_shape: tuple[int, ...], *, exclude: tuple[str, ...] = ()) -> Stage | None:
+def last_feature_stage(model: nn.Module, input_shape: tuple[int, ...], *, exclude: tuple[str, ...] = ()) -> FeatureStage | None:
     """The deepest feature stage before the head (see the module docstring), or None."""
     return analyse(model, input_shape, exclude=exclude)[1]

@@ -3,7 +3,7 @@
 Masked Generative Distillation (Yang et al. 2022, arXiv 2205.01529; see `stages/mgd.py`):
 the student's task loss plus ``α · Σ(G(S' ⊙ M) − T)² / N`` on tapped feature maps. The task's
 logit KD term (Hinton KD for classification) is available alone or on top. The wiring is
-`stages/distillation.py`, shared with pruning's healing.
+`stages/distill_loss.py`, shared with pruning's healing.
 With ``baseline = true`` the same student is also trained without distillation, from the same
 initial weights, on the same data order and budget, so the manifest shows what distillation
 bought (`metrics["student"]` vs `metrics["student_baseline"]`). The teacher is frozen, in eval
@@ -26,11 +26,11 @@ from pipeline.errors import ConfigError
 from pipeline.schema import DistillConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import ArtifactRole
-from pipeline.run_models import build_student, build_teacher, check_weights_file, load_frozen_teacher
+from pipeline.models import build_student, build_teacher, check_weights_file, load_frozen_teacher
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import task_for
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation
+from stages.distill_loss import distillation
 from stages.mgd import MGDHead
 from stages.training import fit, loaders, save_torch, state_dict_cpu
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.taps import HEAD_NAMES, PROBE_SIZE, Stage, analyse, head_names
+from pipeline.taps import HEAD_NAMES, PROBE_SIZE, FeatureStage, analyse, head_names
 
 # The largest factor between a teacher tap's and its student tap's H (or W) that MGD resamples.
 MAX_RESAMPLE = 4
@@ -203,7 +203,7 @@ class FeatureTap:
         self._handles.clear()
 
 
-def _analyse(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[Stage], Stage | None] | None:
+def _analyse(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[FeatureStage], FeatureStage | None] | None:
     """The model's feature stages and its last one (one dry forward), or None when it cannot be probed."""
     try:
         return analyse(model, input_shape)

@@ -20,7 +20,7 @@ latency of the unpruned and the pruned student is measured back to back (`*_befo
 `*_after`, `latency_speedup`).
 
 Inputs: `student`, `teacher`. Output: `pruned` — architecture, Torch-Pruning history and state
-dict as plain data (see `pipeline/run_models.py`), rebuilt without unpickling any module.
+dict as plain data (see `pipeline/models.py`), rebuilt without unpickling any module.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from pipeline.schema import PruneConfig
 from pipeline.errors import ConfigError, LibraryError
 from pipeline.evaluate import count_macs, count_params, evaluate_module
 from pipeline.manifest import ArtifactRole
-from pipeline.run_models import build_student, is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
+from pipeline.models import build_student, is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import Task, task_for
 from pipeline.torch_runtime import TorchRuntime
-from stages.distillation import distillation
+from stages.distill_loss import distillation
 from stages.training import fit, loaders, save_torch
 
 log = logging.getLogger(__name__)

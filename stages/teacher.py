@@ -17,7 +17,7 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.schema import TeacherConfig
 from pipeline.manifest import ArtifactRole
-from pipeline.run_models import build_teacher, check_weights_file
+from pipeline.models import build_teacher, check_weights_file
 from pipeline.stage import Measure, StageContext, StageResult, register
 from pipeline.tasks import task_for
 from pipeline.torch_runtime import TorchRuntime

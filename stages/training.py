@@ -27,7 +27,7 @@ from pipeline.schema import OptimConfig
 from pipeline.evaluate import evaluate_module
 from pipeline.manifest import atomic_write_bytes
 from pipeline.ui import clock_after, format_duration, progress
-from stages.cpuconv import fast_weight_grad
+from stages.fast_conv_grad import fast_weight_grad
 
 if TYPE_CHECKING:
     from pipeline.stage import StageContext
@@ -230,7 +230,7 @@ def fit(
         if extra is not None:
             dist.broadcast_parameters(extra)
 
-    # On CPU, small feature maps train ~2× faster with the GEMM weight gradient (stages/cpuconv.py).
+    # On CPU, small feature maps train ~2× faster with the GEMM weight gradient (stages/fast_conv_grad.py).
     faster = fast_weight_grad(model, extra) if device.type == "cpu" else contextlib.nullcontext()
     last_save = clock()
     with faster, progress() as bar:

@@ -14,7 +14,7 @@ from pipeline.evaluate import count_params
 from pipeline.tasks.classification.models import build_model
 from pipeline.stage import StageContext
 from pipeline.errors import LibraryError
-from pipeline.run_models import pruned_payload, rebuild_pruned
+from pipeline.models import pruned_payload, rebuild_pruned
 from pipeline.tasks import get_task
 from stages.prune import ignored_modules, make_pruner, prune_model, too_narrow
 

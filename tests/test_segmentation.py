@@ -96,7 +96,7 @@ def test_a_deeplabv3_teacher_and_an_lraspp_student_pair_with_the_default_taps():
     # LRASPP's high branch is at stride 16 where the dilated DeepLabV3 is at 8: the student's
     # aligned map is resampled to the teacher's before the mask and the generation block.
     from stages.mgd import MGDHead
-    from pipeline.run_models import build_student, build_teacher
+    from pipeline.models import build_student, build_teacher
 
     cfg = _seg(data={"image_size": 64}, distill={"student": "lraspp_mobilenet_v3_large"})
     m = cfg.distill.mgd  # the distill preflight builds this same head: it used to refuse the pair

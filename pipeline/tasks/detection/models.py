@@ -105,7 +105,7 @@ def retinanet_anchor_sizes(image_size: int, num_levels: int = 5) -> tuple[tuple[
     return tuple(tuple(sizes[3 * i : 3 * i + 3]) for i in range(num_levels))
 
 
-class FeatureTap(nn.Identity):
+class PyramidLevel(nn.Identity):
     """Passes one pyramid level through unchanged, so forward hooks (MGD) see that level alone:
     torchvision's FPN returns all levels at once as a dict."""
 
@@ -141,7 +141,7 @@ class DetRaw(nn.Module):
     def __init__(self, arch: str, net: nn.Module, *, num_classes: int, image_size: int, levels: tuple[str, ...]):
         super().__init__()
         self.backbone = net.backbone
-        self.fpn_taps = nn.ModuleDict({name: FeatureTap() for name in levels})
+        self.fpn_taps = nn.ModuleDict({name: PyramidLevel() for name in levels})
         self.head = net.head
         # Kept (it holds no state) so torchvision's losses and reference postprocess can be rebuilt.
         self.anchor_generator = net.anchor_generator

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline import dist, unlabeled
-from pipeline.run_models import load_frozen_teacher
+from pipeline.models import load_frozen_teacher
 from pipeline.unlabeled import Unlabeled
 from stages.mgd import FeatureTap, MGDHead
 from stages.training import LossFn

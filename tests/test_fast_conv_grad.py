@@ -1,4 +1,4 @@
-"""The GEMM weight gradient for convolutions on small CPU feature maps (stages/cpuconv.py)."""
+"""The GEMM weight gradient for convolutions on small CPU feature maps (stages/fast_conv_grad.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages import cpuconv
-from stages.cpuconv import fast_weight_grad
+from stages import fast_conv_grad
+from stages.fast_conv_grad import fast_weight_grad
 
 
 def _grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -46,8 +46,8 @@ def test_same_output_and_gradients_as_torch(conv, size):
 
 def test_used_only_for_small_maps_in_training_and_restored_on_exit(monkeypatch):
     calls = []
-    real = cpuconv._Conv2dUnfoldGrad.apply
-    monkeypatch.setattr(cpuconv._Conv2dUnfoldGrad, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = fast_conv_grad._Conv2dUnfoldGrad.apply
+    monkeypatch.setattr(fast_conv_grad._Conv2dUnfoldGrad, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
     conv = nn.Conv2d(4, 4, 3, padding=1)
 
     with fast_weight_grad(conv, None, max_positions=4):
