@@ -126,9 +126,10 @@ def _folder(spec: str, base_dir: Path) -> Path:
 
 
 def load(spec: str, bundle: "DataBundle", *, train_fraction: float, seed: int, base_dir: Path,
-         transform: Callable[[Any], torch.Tensor]) -> Unlabeled | None:
-    """The unlabelled images ``spec`` names ("" → None); ``transform`` makes a folder's files the
-    task's inputs; ``"rest"`` takes the training images outside the students' seeded share."""
+         transform: Callable[[], Callable[[Any], torch.Tensor]]) -> Unlabeled | None:
+    """The unlabelled images ``spec`` names ("" → None); ``transform()`` gives what makes a
+    folder's files the task's inputs (asked for only then); ``"rest"`` takes the training images
+    outside the students' seeded share."""
     if not spec:
         return None
     if spec == REST:
@@ -142,4 +143,4 @@ def load(spec: str, bundle: "DataBundle", *, train_fraction: float, seed: int, b
     root = _folder(spec, base_dir)
     files = scan_folder(root)
     names = [p.relative_to(root).as_posix() for p in files]
-    return Unlabeled(FolderImages(files, transform), len(files), _digest(names), str(root))
+    return Unlabeled(FolderImages(files, transform()), len(files), _digest(names), str(root))

@@ -82,7 +82,7 @@ class Wiring:
 def _stream(ctx: "StageContext") -> tuple[UnlabeledStream | None, Unlabeled | None]:
     cfg = ctx.cfg.distill
     source = unlabeled.load(cfg.unlabeled, ctx.data, train_fraction=cfg.train_fraction, seed=ctx.cfg.pipeline.seed,
-                            base_dir=ctx.cfg.resolve("."), transform=ctx.task.unlabeled_transform(ctx.cfg.data))
+                            base_dir=ctx.cfg.resolve("."), transform=lambda: ctx.task.unlabeled_transform(ctx.cfg.data))
     if source is None:
         return None, None
     size = cfg.unlabeled_batch_size or ctx.cfg.data.batch_size

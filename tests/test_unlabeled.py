@@ -30,14 +30,14 @@ def test_a_folder_is_read_recursively_and_shaped_like_the_tasks_inputs(tmp_path)
     cfg = config.from_dict({"data": {"image_size": 16}})
     for task, shape in (("classification", (3, 16, 16)), ("segmentation", (3, 16, 16)), ("detection", (3, 16, 16))):
         found = unlabeled.load("u", None, train_fraction=1.0, seed=0, base_dir=tmp_path,
-                               transform=get_task(task).unlabeled_transform(cfg.data))
+                               transform=lambda: get_task(task).unlabeled_transform(cfg.data))
         assert found.count == 3 and tuple(found.dataset[0].shape) == shape
     again = unlabeled.load(str(tmp_path / "u"), None, train_fraction=1.0, seed=0, base_dir=tmp_path,
-                           transform=get_task("classification").unlabeled_transform(cfg.data))
+                           transform=lambda: get_task("classification").unlabeled_transform(cfg.data))
     assert again.sha256 == found.sha256 and again.record()["unlabeled_images"] == 3
     # Detection letterboxes: a 12×9 image keeps its aspect ratio, the padding is grey.
     x = unlabeled.load("u", None, train_fraction=1.0, seed=0, base_dir=tmp_path,
-                       transform=get_task("detection").unlabeled_transform(cfg.data)).dataset[0]
+                       transform=lambda: get_task("detection").unlabeled_transform(cfg.data)).dataset[0]
     assert not torch.allclose(x[:, 0], x[:, 8])  # top rows are padding, the middle is the image
 
 
