@@ -83,3 +83,16 @@ def test_modules_import_each_other_without_a_circle():
         if m not in state:
             visit(m, [m])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_a_task_imports_no_other_task():
+    found = []
+    for name in TASKS:
+        others = {f"pipeline.tasks.{t}" for t in TASKS if t != name}
+        for path in (ROOT / "pipeline" / "tasks" / name).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.relative_to(ROOT)} imports {m}" for m in mods
+                          if any(m == o or m.startswith(o + ".") for o in others)]
+    assert not found, "shared pieces belong in pipeline/tasks/common/:\n" + "\n".join(found)
