@@ -3,6 +3,13 @@ split, one epoch), a tiny model, and helpers to run the CLI."""
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist each worker, and every run it starts, computes on one thread: two workers
+# with torch's default (a thread per core) would fight over the same cores. Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
 import subprocess
 import sys
 import textwrap
