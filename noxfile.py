@@ -154,9 +154,10 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {torch.cuda.get
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Install everything, then run the test suite (arguments go to pytest)."""
+    """Install everything, then run the test suite (arguments go to pytest; by default on every
+    core, pytest-xdist, one thread per worker: see tests/conftest.py)."""
     python = _env(session)
-    session.run(python, "-m", "pytest", *(session.posargs or ["-q"]), external=True)
+    session.run(python, "-m", "pytest", *(session.posargs or ["-q", "-n", "auto", "--dist", "worksteal"]), external=True)
 
 
 @nox.session(venv_backend="none")
