@@ -44,15 +44,11 @@ def build_student(cfg: "Config", num_classes: int, weights: str | None = None) -
     return _build(cfg, cfg.distill, cfg.distill.student, num_classes, weights)
 
 
-def model_options(cfg: "Config", table: Any) -> dict[str, Any]:
-    """The task's model options (`Task.model_options`) as `table` ([teacher] or [distill]) sets them."""
-    return {k: getattr(table, k) for k in task_for(cfg).model_options}
-
-
 def _build(cfg: "Config", table: Any, arch: str, num_classes: int, weights: str | None) -> nn.Module:
-    return task_for(cfg).build_model(arch, num_classes, image_size=cfg.data.image_size,
-                                     weights=table.weights if weights is None else weights, base_dir=cfg.resolve("."),
-                                     **model_options(cfg, table))
+    task = task_for(cfg)
+    return task.build_model(arch, num_classes, image_size=cfg.data.image_size,
+                            weights=table.weights if weights is None else weights, base_dir=cfg.resolve("."),
+                            **task.options_of(table))
 
 
 def check_weights_file(cfg: "Config", table: str, build: Callable[["Config", int], nn.Module]) -> None:

@@ -235,7 +235,7 @@ def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:
     d = ctx.cfg.distill
     return pruned_payload(model, history, arch=d.student, num_classes=ctx.data.num_classes,
                           image_size=ctx.cfg.data.image_size, task=ctx.cfg.pipeline.task,
-                          options={k: getattr(d, k) for k in ctx.task.model_options})
+                          options=ctx.task.options_of(d))
 
 
 def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, list]:

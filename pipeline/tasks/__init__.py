@@ -71,6 +71,7 @@ def builtin_tasks() -> list[Task]:
     return [get_task(name) for name in TASKS]
 
 
+@lru_cache(maxsize=1)  # the built-in declarations do not change: read once (callers only read it)
 def known_metrics() -> dict[str, Metric]:
     """Every quality metric the built-in tasks declare, by name (and by each task's history
     name, e.g. ``acc``, for the primary metric): how to show a metric a manifest recorded."""

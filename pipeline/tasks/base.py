@@ -114,6 +114,10 @@ class Task(ABC):
         """Every quality metric's name, the primary one first."""
         return tuple(m.name for m in self.quality)
 
+    def options_of(self, table: Any) -> dict[str, Any]:
+        """The :attr:`model_options` as a `[teacher]` or `[distill]` table sets them."""
+        return {k: getattr(table, k) for k in self.model_options}
+
     def source(self, name: str) -> Source | None:
         """The declared source called ``name``, or None."""
         return next((s for s in self.sources if s.name == name), None)
