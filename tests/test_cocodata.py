@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.detection.coco: tiny COCO instances files and images built in tmp_path."""
+"""Tests for pipeline.tasks.common.coco: tiny COCO instances files and images built in tmp_path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.tasks.detection.coco import (
+from pipeline.tasks.common.coco import (
     PAD_VALUE,
     CocoDetectionDataset,
     boxes_from_letterbox,
@@ -164,7 +164,7 @@ def test_out_of_image_boxes_are_clipped_with_one_warning(tmp_path, caplog):
     data["annotations"][0]["bbox"] = [-3, 6, 12, 10]  # 3 px left of the image
     data["annotations"][2]["bbox"] = [2, 40, 14, 18]  # 8 px below the image
     images_dir, ann = write_coco(tmp_path, data)
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.detection.coco"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.common.coco"):
         split = load_coco_split(images_dir, ann, what="train")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 box(es)" in warnings[0].getMessage() and str(ann) in warnings[0].getMessage()

@@ -15,9 +15,9 @@ from PIL import Image
 from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.tasks import get_task
-from pipeline.tasks.detection.metrics import CocoMAP, box_matches
-from pipeline.tasks.detection.models import build_det_model
-from pipeline.tasks.detection.post import decode, torchvision_detector
+from pipeline.tasks.common.coco_eval import CocoMAP, box_matches
+from pipeline.tasks.common.detectors import build_det_model
+from pipeline.tasks.common.box_decode import decode, torchvision_detector
 from tests.conftest import run_cli
 from tests.test_detpost import _confident_heads
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.detection.metrics: hand-computable COCO mAP cases, and agreement with pycocotools run
+"""Tests for pipeline.tasks.common.coco_eval: hand-computable COCO mAP cases, and agreement with pycocotools run
 directly on a COCO file in original coordinates."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import io
 import pytest
 import torch
 
-from pipeline.tasks.detection.coco import CocoDetectionDataset, boxes_to_letterbox, load_coco_split
-from pipeline.tasks.detection.metrics import CocoMAP
+from pipeline.tasks.common.coco import CocoDetectionDataset, boxes_to_letterbox, load_coco_split
+from pipeline.tasks.common.coco_eval import CocoMAP
 from tests.test_cocodata import write_coco
 
 # One 100×60 image letterboxed to 50: scale 0.5, pad (0, 10).

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.detection.models: every arch at 64 px (and 128), anchors, feature taps, weights
+"""Tests for pipeline.tasks.common.detectors: every arch at 64 px (and 128), anchors, feature taps, weights
 (offline) and structured pruning; decode and export are in test_detpost.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.tasks.detection.models import (
+from pipeline.tasks.common.detectors import (
     DET_ARCHS,
     DetRaw,
     anchor_size_range,
@@ -19,7 +19,7 @@ from pipeline.tasks.detection.models import (
     det_arch_kind,
     retinanet_anchor_sizes,
 )
-from pipeline.tasks.detection.post import OUTPUT_NAMES, decode
+from pipeline.tasks.common.box_decode import OUTPUT_NAMES, decode
 from pipeline.errors import ConfigError
 
 C = 10  # classes
@@ -232,7 +232,7 @@ def test_head_of_another_class_count_is_skipped(tmp_path, caplog, arch, skipped)
     src = build_det_model(arch, 5, image_size=S)
     torch.save(src.state_dict(), tmp_path / "five.pt")
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.detection.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.common.detectors"):
         dst = _build(arch, seed=1, weights=str(tmp_path / "five.pt"))
 
     assert "another class count" in caplog.text and skipped in caplog.text
@@ -291,7 +291,7 @@ def test_torchvision_weights_shipped_arch_skips_the_coco_class_head(monkeypatch,
     coco = det.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91).state_dict()
     monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: coco)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.detection.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.common.detectors"):
         model = _build("ssdlite320_mobilenet_v3_large", weights="torchvision:DEFAULT")
 
     assert "head.classification_head.module_list.5.1.bias" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tasks.detection.post: decode reproduces torchvision's own postprocess from the raw
+"""Tests for pipeline.tasks.common.box_decode: decode reproduces torchvision's own postprocess from the raw
 outputs, and the exported graph (ONNX Runtime, OpenVINO) decodes to the same detections."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tasks.detection.models import DetRaw
-from pipeline.tasks.detection.post import decode, torchvision_detector
+from pipeline.tasks.common.detectors import DetRaw
+from pipeline.tasks.common.box_decode import decode, torchvision_detector
 from tests.test_detmodels import C, S, _build, _raw, _x
 
 PARITY = [("retinanet_resnet18_fpn", 64), ("fcos_resnet18_fpn", 64), ("ssdlite320_mobilenet_v3_large", 64),

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Subset
 
 import pipeline.tasks.detection.scenes as detscenes
-from pipeline.tasks.detection.coco import detection_collate
+from pipeline.tasks.common.coco import detection_collate
 from pipeline.tasks.detection.scenes import SCENE_CLASSES, SceneDetectionDataset, scene_detection_splits
 from pipeline.tasks.common.scenes import SceneSpec, make_scenes, split_pools
 

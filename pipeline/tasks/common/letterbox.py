@@ -57,3 +57,15 @@ def boxes_from_letterbox(boxes_xyxy: Any, scale: float, pad: tuple[int, int], or
     b = (b - offset) / scale
     limit = torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=torch.float64)
     return b.clamp(min=torch.zeros(4, dtype=torch.float64), max=limit).to(torch.float32)
+
+
+class LetterboxTransform:
+    """PIL image → letterboxed, normalised ``3×S×S`` tensor, as the COCO readers make their
+    images (a class, not a closure: DataLoader workers pickle it)."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size, self.mean, self.std = size, mean, std
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        x, _, _ = letterbox(image, self.size)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)

@@ -1,7 +1,7 @@
 """Detection datasets for the task: embedded digit scenes (boxes) and a user's COCO instances JSON.
 
 Both give items ``(float32 3×S×S normalised image, target dict)`` (see
-:class:`pipeline.tasks.detection.coco.CocoDetectionDataset`) and a :class:`~pipeline.data.DataBundle`
+:class:`pipeline.tasks.common.coco.CocoDetectionDataset`) and a :class:`~pipeline.data.DataBundle`
 whose collate keeps targets as a list (box counts differ per image) and whose calibration split
 is drawn from the training images seen through the evaluation transform, never from val.
 """
@@ -34,7 +34,7 @@ def check_data(cfg: DataConfig, base_dir: Path) -> None:
     if cfg.image_size % 32:
         raise ConfigError(f"data.image_size = {cfg.image_size}: detection needs a multiple of 32 (64, 96, 128, ...)")
     if cfg.source == "coco":
-        from pipeline.tasks.detection.coco import load_coco_splits
+        from pipeline.tasks.common.coco import load_coco_splits
 
         load_coco_splits(*(_path(cfg, k, base_dir) for k in _COCO_KEYS))
     else:
@@ -55,10 +55,10 @@ def _subset(dataset, fraction: float, seed: int) -> object:
 
 def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     """Train / val / calibration splits of the configured detection source."""
-    from pipeline.tasks.detection.coco import detection_collate
+    from pipeline.tasks.common.coco import detection_collate
 
     if cfg.source == "coco":
-        from pipeline.tasks.detection.coco import CocoDetectionDataset, load_coco_splits
+        from pipeline.tasks.common.coco import CocoDetectionDataset, load_coco_splits
 
         train_split, val_split = load_coco_splits(*(_path(cfg, k, base_dir) for k in _COCO_KEYS))
         s, mean, std = cfg.image_size, cfg.mean, cfg.std

@@ -1,6 +1,6 @@
 """Detection on the embedded scene generator (:mod:`pipeline.tasks.common.scenes`): no download, no user data.
 
-Items have the same form as :class:`pipeline.tasks.detection.coco.CocoDetectionDataset`'s, so one model,
+Items have the same form as :class:`pipeline.tasks.common.coco.CocoDetectionDataset`'s, so one model,
 loss and evaluator serve both sources. A scene is already square at the model's size, so its
 letterbox is the identity (``scale`` 1, ``pad`` ``(0, 0)``) and ``orig_size`` is ``(S, S)``.
 There is no flip augmentation: a mirrored digit is another symbol (or none), so a flip would

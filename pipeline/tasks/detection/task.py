@@ -1,10 +1,10 @@
 """Object detection: boxes and classes, COCO mAP, MGD on every FPN level.
 
-Models are torchvision detectors by name (:mod:`pipeline.tasks.detection.models`) returning their raw
+Models are torchvision detectors by name (:mod:`pipeline.tasks.common.detectors`) returning their raw
 head outputs at one fixed input size; training uses torchvision's own losses for those outputs
 (focal + L1 for RetinaNet, focal + GIoU + centerness for FCOS, hard-negative-mined CE + smooth
 L1 for SSDlite); every runtime's raw outputs go through one decode + NMS
-(:func:`pipeline.tasks.detection.post.decode`, settings in :data:`POSTPROCESS`) before COCO mAP.
+(:func:`pipeline.tasks.common.box_decode.decode`, settings in :data:`POSTPROCESS`) before COCO mAP.
 
 The MGD settings are the authors' detection ones (yzd-v/MGD `det/`): one MGD loss with its own
 generation block per FPN output level, a pixel mask with λ = 0.65, α = 2e-5, summed.
@@ -17,7 +17,6 @@ be of one family (MGD pairs their FPN levels; ``init_student`` copies the neck a
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import Metric, Source, Task
+from pipeline.tasks.common.box_decode import POSTPROCESS
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The post-processing every runtime's raw outputs go through (torchvision's detector defaults).
-POSTPROCESS = {"score_thresh": 0.05, "nms_iou": 0.5, "topk_candidates": 1000, "max_detections": 100}
 # What `[data] source = "coco"` needs set.
 _COCO_KEYS = ("train_images", "train_annotations", "val_images", "val_annotations")
 _COCO_NEEDS = "train_images, train_annotations, val_images and val_annotations (image folders and COCO instances JSON files)"
@@ -44,31 +42,11 @@ _COCO_NEEDS = "train_images, train_annotations, val_images and val_annotations (
 PARITY_SCORE, PARITY_IOU = 0.3, 0.9
 
 
-@lru_cache(maxsize=8)
-def _decoder(kind: str, image_size: int, num_classes: int) -> Any:
-    """A small model of the family at this size: its anchors, level sizes and torchvision's losses.
-
-    The anchors depend only on the family and the input size (every backbone of a family has the
-    same pyramid levels), and the losses use no weights, so a narrow ResNet-18 stands in for any.
-    """
-    import torch
-
-    from pipeline.tasks.detection.models import build_det_model
-    from pipeline.tasks.detection.post import torchvision_detector
-
-    arch = {"retinanet": "retinanet_resnet18_fpn", "fcos": "fcos_resnet18_fpn",
-            "ssd": "ssdlite320_mobilenet_v3_large"}[kind]
-    with torch.random.fork_rng():  # building must not shift the run's random stream
-        model = build_det_model(arch, num_classes, image_size=image_size,
-                                fpn_channels=256 if kind == "ssd" else 32)  # FCOS: GroupNorm(32)
-    return model, torchvision_detector(model, **POSTPROCESS)
-
-
 class _MAP:
     """Decodes each batch of raw outputs with the shared post-processing, then COCO mAP."""
 
     def __init__(self, task: "Detection", num_classes: int):
-        from pipeline.tasks.detection.metrics import CocoMAP
+        from pipeline.tasks.common.coco_eval import CocoMAP
 
         self.task = task
         self.coco = CocoMAP([str(c) for c in range(num_classes)])
@@ -78,21 +56,6 @@ class _MAP:
 
     def compute(self) -> dict[str, float]:
         return self.coco.compute()
-
-
-class _Letterboxed:
-    """PIL image → letterboxed, normalised ``3×S×S`` tensor (a class: DataLoader workers pickle it)."""
-
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.size, self.mean, self.std = size, mean, std
-
-    def __call__(self, image: Any) -> "torch.Tensor":
-        import torch
-
-        from pipeline.tasks.common.letterbox import letterbox
-
-        x, _, _ = letterbox(image, self.size)
-        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
 
 class Detection(Task):
@@ -125,13 +88,13 @@ class Detection(Task):
     def __init__(self, kind: str | None = None, image_size: int = 0):
         self.kind, self.image_size = kind, image_size
         if kind is not None:
-            from pipeline.tasks.detection.post import OUTPUT_NAMES
+            from pipeline.tasks.common.box_decode import OUTPUT_NAMES
 
             self.output_names = OUTPUT_NAMES[kind]
 
     def bind(self, cfg: "Config") -> "Detection":
         """This task for a run: decoding follows the teacher's family at ``[data] image_size``."""
-        from pipeline.tasks.detection.models import det_arch_kind
+        from pipeline.tasks.common.detectors import det_arch_kind
 
         try:
             kind = det_arch_kind(cfg.teacher.arch)
@@ -158,17 +121,19 @@ class Detection(Task):
 
     def unlabeled_transform(self, cfg: "DataConfig") -> Any:
         """Letterboxed to ``S×S`` and normalised, as the COCO reader makes its images."""
-        return _Letterboxed(cfg.image_size, cfg.mean, cfg.std)
+        from pipeline.tasks.common.letterbox import LetterboxTransform
+
+        return LetterboxTransform(cfg.image_size, cfg.mean, cfg.std)
 
     # -- models ----------------------------------------------------------------------------
     def check_arch(self, arch: str) -> None:
-        from pipeline.tasks.detection.models import check_det_arch
+        from pipeline.tasks.common.detectors import check_det_arch
 
         check_det_arch(arch)
 
     def check_pair(self, teacher: str, student: str) -> None:
         """A ConfigError unless the teacher and the student are detectors of one family."""
-        from pipeline.tasks.detection.models import det_arch_kind
+        from pipeline.tasks.common.detectors import det_arch_kind
 
         if det_arch_kind(teacher) != det_arch_kind(student):
             raise ConfigError(
@@ -179,14 +144,14 @@ class Detection(Task):
 
     def build_model(self, arch: str, num_classes: int, *, image_size: int, weights: str = "",
                     base_dir: Path = Path("."), fpn_channels: int = 256) -> "nn.Module":
-        from pipeline.tasks.detection.models import build_det_model
+        from pipeline.tasks.common.detectors import build_det_model
 
         return build_det_model(arch, num_classes, image_size=image_size, weights=weights, base_dir=base_dir,
                                fpn_channels=fpn_channels)
 
     def default_layers(self, arch: str) -> list[str]:
         """Every FPN output level (P3-P7; SSDlite's six feature maps), one MGD loss each."""
-        from pipeline.tasks.detection.models import _FPN_LEVELS, _SSD_LEVELS, det_arch_kind
+        from pipeline.tasks.common.detectors import _FPN_LEVELS, _SSD_LEVELS, det_arch_kind
 
         try:
             levels = _SSD_LEVELS if det_arch_kind(arch) == "ssd" else _FPN_LEVELS
@@ -212,7 +177,9 @@ class Detection(Task):
         self._bound()
         head = self.named_outputs(out)
         num_classes = head["cls_logits"].shape[-1] - (1 if self.kind == "ssd" else 0)
-        model, detector = _decoder(self.kind, self.image_size, num_classes)
+        from pipeline.tasks.common.detectors import stand_in
+
+        model, detector = stand_in(self.kind, self.image_size, num_classes)
         anchors = torch.from_numpy(np.array(model.anchors)).to(head["cls_logits"].device)
         # torchvision's SSD counts the background as class 0; RetinaNet and FCOS label 0..C-1.
         shift = 1 if self.kind == "ssd" else 0
@@ -259,11 +226,12 @@ class Detection(Task):
 
     def postprocess(self, outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detections per image (boxes xyxy in input pixels, scores, labels) by the shared decode + NMS."""
-        from pipeline.tasks.detection.post import decode
+        from pipeline.tasks.common.box_decode import decode
+        from pipeline.tasks.common.detectors import stand_in
 
         self._bound()
         num_classes = np.asarray(outputs["cls_logits"]).shape[-1] - (1 if self.kind == "ssd" else 0)
-        model, _ = _decoder(self.kind, self.image_size, num_classes)
+        model, _ = stand_in(self.kind, self.image_size, num_classes)
         return decode(outputs, model.anchors, arch_kind=self.kind, image_size=self.image_size,
                       level_sizes=model.level_sizes, **POSTPROCESS)
 
@@ -271,7 +239,7 @@ class Detection(Task):
         """Share of confident reference detections (score ≥ 0.3) found again by the candidate:
         same class, IoU ≥ 0.9, one to one; counted over the larger of the two confident sets,
         so extra candidate detections lower it too. 1.0 when neither has a confident detection."""
-        from pipeline.tasks.detection.metrics import box_matches
+        from pipeline.tasks.common.coco_eval import box_matches
 
         matched, total = 0, 0
         for ref, cand in zip(reference, candidate, strict=True):

@@ -5,7 +5,7 @@ Exporters and runtimes handle torchvision's data-dependent resize/pad transform 
 TopK/NMS badly (pytorch/vision#4395, NVIDIA/TensorRT#2721), so a :class:`DetRaw` stops at the
 head: it takes an already normalised ``N×3×S×S`` tensor and returns a tuple of raw tensors
 flattened over levels in torchvision's anchor order (level, row, column, anchor). Box decoding
-and NMS run outside the graph, in :func:`pipeline.tasks.detection.post.decode`, identically for every runtime.
+and NMS run outside the graph, in :func:`pipeline.tasks.common.box_decode.decode`, identically for every runtime.
 
 Built by torchvision itself: ``retinanet_resnet50_fpn``, ``fcos_resnet50_fpn`` and
 ``ssdlite320_mobilenet_v3_large``. Composed here from torchvision's own parts (its extractors
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from functools import lru_cache
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.tasks.detection.post import OUTPUT_NAMES
+from pipeline.tasks.common.box_decode import OUTPUT_NAMES, POSTPROCESS
 from pipeline.tasks.common.weights import (
     TORCHVISION_WEIGHTS_PREFIX,
     read_state_dict,
@@ -135,7 +136,7 @@ class DetRaw(nn.Module):
     ``image_std`` (torchvision's input normalisation for this arch).
 
     Training mode returns the same tuple; torchvision's losses for it come from
-    :func:`pipeline.tasks.detection.post.torchvision_detector` (``compute_loss``), fed these raw outputs.
+    :func:`pipeline.tasks.common.box_decode.torchvision_detector` (``compute_loss``), fed these raw outputs.
     """
 
     def __init__(self, arch: str, net: nn.Module, *, num_classes: int, image_size: int, levels: tuple[str, ...]):
@@ -336,3 +337,21 @@ def _load_torchvision_det_weights(model: DetRaw, spec: str) -> None:
     # BatchNorm keeps its eps: the difference is negligible against trained running variances.
     _fit_det_state_dict(model, sd, source=str(weights), may_miss=("backbone.fpn.", "head.") if composed else ())
     log.info("%s: loaded pretrained %s", model.arch, weights)
+
+
+@lru_cache(maxsize=8)
+def stand_in(kind: str, image_size: int, num_classes: int) -> tuple[DetRaw, nn.Module]:
+    """A small model of the family at this size, and torchvision's detector around it: the
+    family's anchors and level sizes (for decoding) and torchvision's losses (for training).
+
+    The anchors depend only on the family and the input size (every backbone of a family has the
+    same pyramid levels), and the losses use no weights, so a narrow ResNet-18 stands in for any.
+    """
+    from pipeline.tasks.common.box_decode import torchvision_detector
+
+    arch = {"retinanet": "retinanet_resnet18_fpn", "fcos": "fcos_resnet18_fpn",
+            "ssd": "ssdlite320_mobilenet_v3_large"}[kind]
+    with torch.random.fork_rng():  # building must not shift the run's random stream
+        model = build_det_model(arch, num_classes, image_size=image_size,
+                                fpn_channels=256 if kind == "ssd" else 32)  # FCOS: GroupNorm(32)
+    return model, torchvision_detector(model, **POSTPROCESS)

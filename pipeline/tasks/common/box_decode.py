@@ -1,7 +1,7 @@
 """Detection postprocessing outside the graph: raw head outputs → boxes, scores, labels.
 
 Every runtime (torch, ONNX Runtime, OpenVINO, TensorRT) returns the same raw tensors of a
-:class:`pipeline.tasks.detection.models.DetRaw`; :func:`decode` turns them into detections the way
+:class:`pipeline.tasks.common.detectors.DetRaw`; :func:`decode` turns them into detections the way
 torchvision's ``RetinaNet`` / ``FCOS`` / ``SSD`` ``postprocess_detections`` do, with torch ops on
 CPU tensors (data-dependent TopK/NMS stay out of the exported graph, where exporters and
 runtimes handle them badly). :func:`torchvision_detector` rebuilds the torchvision detector
@@ -21,6 +21,8 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
     "ssd": ("cls_logits", "bbox_regression"),
 }
+# The post-processing every runtime's raw outputs go through (torchvision's detector defaults).
+POSTPROCESS = {"score_thresh": 0.05, "nms_iou": 0.5, "topk_candidates": 1000, "max_detections": 100}
 _BOX_CODER_WEIGHTS = {"retinanet": (1.0, 1.0, 1.0, 1.0), "ssd": (10.0, 10.0, 5.0, 5.0)}  # torchvision's
 
 
@@ -36,7 +38,7 @@ def decode(
     topk_candidates: int = 1000,
     max_detections: int = 100,
 ) -> list[dict[str, np.ndarray]]:
-    """Detections per image from a :class:`~pipeline.tasks.detection.models.DetRaw`'s raw outputs.
+    """Detections per image from a :class:`~pipeline.tasks.common.detectors.DetRaw`'s raw outputs.
 
     ``outputs``: the raw arrays by output name (``OUTPUT_NAMES[arch_kind]``), batch first.
     ``anchors``: A×4 xyxy (``DetRaw.anchors``). ``level_sizes``: anchors per pyramid level
