@@ -106,6 +106,8 @@ def _apply_task_defaults(cfg: Config) -> None:
     if cfg.distill.student is None:
         cfg.distill.student = task.default_pair[1]
     _apply_recipe(cfg, task)
+    if cfg.distill.init_student is None:
+        cfg.distill.init_student = task.init_student_default
     layers = _default_layers(cfg, task)
     for table, defaults in ((cfg.distill.mgd, {**task.mgd_defaults, **layers}), (cfg.distill.kd, task.kd_defaults)):
         for key, value in defaults.items():
@@ -269,8 +271,11 @@ def task_rows() -> list[tuple[str, ...]]:
     def keys(names) -> str:
         return ", ".join(f"`{n}`" for n in names) or "—"
 
-    return [(t.name, f"`{t.default_pair[0]}`", f"`{t.default_pair[1]}`", keys(t.model_options),
-             "yes" if t.init_student_prefixes else "—", keys(t.gate_aliases)) for t in tasks.builtin_tasks()]
+    def init(t: Task) -> str:
+        return f"yes (default {'on' if t.init_student_default else 'off'})" if t.init_student_prefixes else "—"
+
+    return [(t.name, f"`{t.default_pair[0]}`", f"`{t.default_pair[1]}`", keys(t.model_options), init(t),
+             keys(t.gate_aliases)) for t in tasks.builtin_tasks()]
 
 
 def source_rows() -> list[tuple[str, str, str, str]]:

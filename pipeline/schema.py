@@ -193,10 +193,10 @@ class DistillConfig(OptimConfig):
     epochs: int = Field(10, ge=0, le=10_000, description="Training epochs.")
     student: str | None = Field(None, description="Student architecture, a model name for the task; unset: the task's default student.")
     fpn_channels: int = _fpn_channels()
-    init_student: bool = Field(
-        False, description="Tasks that declare it (detectors): start the distilled student from the teacher's neck "
-                           "and head weights where shapes match (the MGD authors' RetinaNet recipe); the baseline "
-                           "starts from random init."
+    init_student: bool | None = Field(
+        None, description="Tasks that declare it (those built on a detector): start the distilled student from the "
+                          "teacher's neck and head weights where shapes match (the MGD authors' RetinaNet and SOLO "
+                          "recipes); the baseline starts from random init. Unset: the task's default (docs/config.md)."
     )
     weights: str = Field("", description="Student initial weights: '' | state dict path | 'torchvision:DEFAULT'.")
     small_input: Literal["auto", "on", "off"] = Field("auto", description="Stride-1 stem for small inputs.")

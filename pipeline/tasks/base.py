@@ -99,6 +99,8 @@ class Task(ABC):
     # Teacher parameter-name prefixes that `[distill] init_student` copies into the distilled
     # student; empty: the task has no init_student.
     init_student_prefixes: ClassVar[tuple[str, ...]] = ()
+    # `[distill] init_student` when the config leaves it out (only with init_student_prefixes).
+    init_student_default: ClassVar[bool] = False
     # `[gates]` keys this task accepts as another spelling of a generic one (alias → key).
     gate_aliases: ClassVar[dict[str, str]] = {}
     # INT8 builds keep the layers producing the outputs in floating point (detection heads).

@@ -50,7 +50,8 @@ def decode(
     boxes decoded with torchvision's coder and weights, clipped to the image, class-wise NMS at
     ``nms_iou``, the best ``max_detections`` kept. Returns one dict per image: ``boxes`` K×4 xyxy
     float32 (pixels of the ``image_size`` input), ``scores`` K float32 (descending), ``labels`` K
-    int64 in 0..C-1 (SSD's background column removed).
+    int64 in 0..C-1 (SSD's background column removed), ``index`` K int64: the anchor (row of the
+    raw outputs) each detection came from, where per-anchor outputs such as mask coefficients are.
     """
     import torch
     from torchvision.models.detection import _utils as det_utils
@@ -82,11 +83,11 @@ def decode(
         for i in range(raw["cls_logits"].shape[0]):
             per_image = {n: t[i] for n, t in raw.items()}
             if arch_kind == "ssd":
-                boxes, scores, labels = _ssd_candidates(per_image, all_anchors, coder, image_shape,
-                                                        score_thresh, topk_candidates)
+                boxes, scores, labels, index = _ssd_candidates(per_image, all_anchors, coder, image_shape,
+                                                               score_thresh, topk_candidates)
             else:
-                boxes, scores, labels = _level_candidates(per_image, all_anchors, list(level_sizes), coder,
-                                                          image_shape, arch_kind, score_thresh, topk_candidates)
+                boxes, scores, labels, index = _level_candidates(per_image, all_anchors, list(level_sizes), coder,
+                                                                 image_shape, arch_kind, score_thresh, topk_candidates)
             keep = box_ops.batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
             if arch_kind == "ssd":
                 labels = labels - 1  # torchvision's SSD labels count the background as class 0
@@ -94,6 +95,7 @@ def decode(
                 "boxes": boxes[keep].numpy().astype(np.float32),
                 "scores": scores[keep].numpy().astype(np.float32),
                 "labels": labels[keep].numpy().astype(np.int64),
+                "index": index[keep].numpy().astype(np.int64),
             })
     return detections
 
@@ -104,7 +106,8 @@ def _level_candidates(raw, anchors, level_sizes, coder, image_shape, kind, score
     from torchvision.ops import boxes as box_ops
 
     split = {n: t.split(level_sizes) for n, t in raw.items()}
-    boxes_all, scores_all, labels_all = [], [], []
+    boxes_all, scores_all, labels_all, index_all = [], [], [], []
+    offset = 0
     for level, anchors_per_level in enumerate(anchors.split(level_sizes)):
         logits = split["cls_logits"][level]
         num_classes = logits.shape[-1]
@@ -126,7 +129,9 @@ def _level_candidates(raw, anchors, level_sizes, coder, image_shape, kind, score
         boxes_all.append(box_ops.clip_boxes_to_image(boxes, image_shape))
         scores_all.append(scores)
         labels_all.append(idxs % num_classes)
-    return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        index_all.append(anchor_idxs + offset)
+        offset += len(anchors_per_level)
+    return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all), torch.cat(index_all)
 
 
 def _ssd_candidates(raw, anchors, coder, image_shape, score_thresh, topk):
@@ -137,16 +142,17 @@ def _ssd_candidates(raw, anchors, coder, image_shape, score_thresh, topk):
 
     all_scores = F.softmax(raw["cls_logits"], dim=-1)
     all_boxes = box_ops.clip_boxes_to_image(coder.decode_single(raw["bbox_regression"], anchors), image_shape)
-    boxes_all, scores_all, labels_all = [], [], []
+    boxes_all, scores_all, labels_all, index_all = [], [], [], []
     for label in range(1, all_scores.shape[-1]):
         score = all_scores[:, label]
-        keep = score > score_thresh
+        keep = torch.where(score > score_thresh)[0]
         score, box = score[keep], all_boxes[keep]
         score, idxs = score.topk(min(topk, score.numel()))
         boxes_all.append(box[idxs])
         scores_all.append(score)
         labels_all.append(torch.full_like(score, fill_value=label, dtype=torch.int64))
-    return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        index_all.append(keep[idxs])
+    return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all), torch.cat(index_all)
 
 
 def torchvision_detector(

@@ -22,6 +22,9 @@ Policies (the same for training targets and crowd regions):
   evaluator ignores them as COCO does (a detection on a crowd is not a false positive).
 - Images without annotations are kept (negatives).
 - An image's ``width`` / ``height`` in the JSON, when given, must match the file's header.
+- With ``masks`` (instance segmentation) every annotation, crowd or not, needs a
+  ``segmentation`` (polygons or RLE, checked and decoded by :mod:`pipeline.tasks.common.coco_masks`);
+  its mask is kept as a compressed RLE of the original image.
 
 Images are letterboxed (:mod:`pipeline.tasks.common.letterbox`, re-exported here): resized with the aspect
 ratio kept so the longer side is ``S``, centred on a grey canvas (0.5 in [0, 1]).
@@ -65,6 +68,9 @@ class CocoImage:
     labels: np.ndarray  # int64 (K,): contiguous 0..C-1
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     crowd_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    # With masks: compressed RLEs (``counts`` a str) of the original image, matching boxes / crowd_boxes.
+    masks: list[dict[str, Any]] | None = None
+    crowd_masks: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -176,14 +182,24 @@ def _box(path: Path, ann: dict[str, Any], aid: Any, width: int, height: int) -> 
     return [x1, y1, x2, y2], (x1, y1, x2, y2) != (x, y, x + w, y + h)
 
 
-def load_coco_split(images_dir: Path, annotations: Path, *, what: str) -> CocoSplit:
+def _mask_rle(path: Path, ann: dict[str, Any], aid: Any, im: CocoImage) -> dict[str, Any]:
+    """The annotation's ``segmentation`` as a checked compressed RLE of its image (``counts`` a str)."""
+    from pipeline.tasks.common.coco_masks import segmentation_rle
+
+    rle = segmentation_rle(ann.get("segmentation"), im.height, im.width, path=path, aid=aid)
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def load_coco_split(images_dir: Path, annotations: Path, *, what: str, masks: bool = False) -> CocoSplit:
     """Read and check one split of a COCO instances dataset (see the module docstring's policies).
 
     ``what`` ("train" / "val") names the split in messages. Every image file's header is opened
     (existence, readability, size); pixels are decoded later, per item. Raises :class:`DataError`
     (one line naming the file and the image or annotation id) for malformed JSON, a missing key,
     a dangling image or category id, a missing or unreadable image, a size mismatch, a refused
-    box, or a split without images.
+    box, or a split without images; with ``masks`` also for a missing or malformed
+    ``segmentation`` (:func:`pipeline.tasks.common.coco_masks.segmentation_rle`).
     """
     images_dir, annotations = Path(images_dir), Path(annotations)
     data = _read_json(annotations, what)
@@ -211,6 +227,7 @@ def load_coco_split(images_dir: Path, annotations: Path, *, what: str) -> CocoSp
         raise DataError(f"{annotations}: the {what} split has no images; add images to the 'images' list")
 
     targets: dict[int, tuple[list, list, list, list]] = {iid: ([], [], [], []) for iid in images}
+    rles: dict[int, tuple[list, list]] = {iid: ([], []) for iid in images}
     clipped, first_clipped = 0, None
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
@@ -235,12 +252,16 @@ def load_coco_split(images_dir: Path, annotations: Path, *, what: str) -> CocoSp
             raise DataError(f"{annotations}: annotation id {aid} has iscrowd = {crowd_flag!r}; must be 0 or 1")
         (crowd if crowd_flag else boxes).append(box)
         (crowd_labels if crowd_flag else labels).append(label_of[cid])
+        if masks:
+            rles[iid][1 if crowd_flag else 0].append(_mask_rle(annotations, ann, aid, im))
     for iid, (boxes, labels, crowd, crowd_labels) in targets.items():
         im = images[iid]
         im.boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         im.labels = np.asarray(labels, np.int64)
         im.crowd_boxes = np.asarray(crowd, np.float32).reshape(-1, 4)
         im.crowd_labels = np.asarray(crowd_labels, np.int64)
+        if masks:
+            im.masks, im.crowd_masks = rles[iid]
     if clipped:
         log.warning("%s: %d box(es) extended outside their image and were clipped to it (first: annotation id %s)",
                     annotations, clipped, first_clipped)
@@ -269,10 +290,10 @@ def check_same_categories(train: CocoSplit, val: CocoSplit) -> None:
 
 
 def load_coco_splits(train_images: Path, train_annotations: Path, val_images: Path,
-                     val_annotations: Path) -> tuple[CocoSplit, CocoSplit]:
+                     val_annotations: Path, *, masks: bool = False) -> tuple[CocoSplit, CocoSplit]:
     """Both splits via :func:`load_coco_split`, checked to share one category set."""
-    train = load_coco_split(train_images, train_annotations, what="train")
-    val = load_coco_split(val_images, val_annotations, what="val")
+    train = load_coco_split(train_images, train_annotations, what="train", masks=masks)
+    val = load_coco_split(val_images, val_annotations, what="val", masks=masks)
     check_same_categories(train, val)
     return train, val
 
@@ -294,7 +315,8 @@ class CocoDetectionDataset(Dataset):
     ``target``: ``boxes`` float32 K×4 ``x1, y1, x2, y2`` in letterboxed pixels, ``labels`` int64
     K (contiguous), ``crowd_boxes`` / ``crowd_labels`` (the same for crowd regions),
     ``image_id``, ``orig_size`` ``(h, w)``, ``scale`` and ``pad`` ``(left, top)`` (see
-    :func:`letterbox`). With ``augment`` (training only) the original image and its boxes are
+    :func:`letterbox`); for a split read with masks also ``masks``, ``rles`` and ``crowd_rles``
+    (see :meth:`_masks`). With ``augment`` (training only) the original image and its boxes are
     flipped horizontally together with probability 0.5 *before* letterboxing, so ``scale`` and
     ``pad`` still describe the item. Randomness comes from torch's global RNG.
     """
@@ -336,10 +358,12 @@ class CocoDetectionDataset(Dataset):
         im = self.split.images[i]
         img = self._open(im)
         boxes, crowd = im.boxes, im.crowd_boxes
-        if self.augment and bool(torch.rand(()) < 0.5):
+        flip = self.augment and bool(torch.rand(()) < 0.5)
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes, crowd = _flip_boxes(boxes, im.width), _flip_boxes(crowd, im.width)
         x, scale, pad = letterbox(img, self.image_size)
+        extra = self._masks(im, flip, scale, pad) if im.masks is not None else {}
         target = {
             "boxes": boxes_to_letterbox(boxes, scale, pad),
             "labels": torch.from_numpy(im.labels.copy()),
@@ -349,8 +373,24 @@ class CocoDetectionDataset(Dataset):
             "orig_size": (im.height, im.width),
             "scale": scale,
             "pad": pad,
+            **extra,
         }
         return (x - self.mean) / self.std, target
+
+    def _masks(self, im: CocoImage, flip: bool, scale: float, pad: tuple[int, int]) -> dict[str, Any]:
+        """A split read with masks: ``masks`` uint8 K×S×S in the letterboxed frame (for training),
+        and the original-image RLEs ``rles`` / ``crowd_rles`` (what evaluation scores against;
+        left out of a flipped item, which is never evaluated)."""
+        from pipeline.tasks.common.coco_masks import decode
+        from pipeline.tasks.common.letterbox import masks_to_letterbox
+
+        full = np.stack([decode(r) for r in im.masks]) if im.masks else np.zeros((0, im.height, im.width), np.uint8)
+        if flip:
+            full = np.ascontiguousarray(full[:, :, ::-1])
+        out: dict[str, Any] = {"masks": masks_to_letterbox(full, scale, pad, self.image_size)}
+        if not flip:
+            out["rles"], out["crowd_rles"] = list(im.masks), list(im.crowd_masks or [])
+        return out
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:

@@ -68,8 +68,8 @@ DET_ARCHS: tuple[str, ...] = (
 # Built by torchvision's own builders (and shipped with COCO weights); the others are composed.
 _TORCHVISION_BUILT = ("retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large")
 MIN_ANCHOR_PX = 8  # the smallest anchor side at small inputs (covers ~6-11 px objects at IoU 0.5)
-_FPN_LEVELS = ("p3", "p4", "p5", "p6", "p7")
-_SSD_LEVELS = ("p4", "p5", "p6", "p7", "p8", "p9")  # SSDlite: C4 expansion, C5, four extra blocks
+FPN_LEVELS = ("p3", "p4", "p5", "p6", "p7")
+SSD_LEVELS = ("p4", "p5", "p6", "p7", "p8", "p9")  # SSDlite: C4 expansion, C5, four extra blocks
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -198,7 +198,7 @@ def _head_layers(head: nn.Module, kind: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_net(arch: str, num_classes: int, image_size: int, fpn_channels: int = 256) -> nn.Module:
+def torchvision_net(arch: str, num_classes: int, image_size: int, fpn_channels: int = 256) -> nn.Module:
     """The torchvision detector (randomly initialised, plain BatchNorm, nothing frozen)."""
     import torchvision.models
     from torchvision.models import detection as det
@@ -261,11 +261,11 @@ def build_det_model(
         raise ConfigError(f"image_size = {image_size!r}: detection needs a multiple of 32 (32, 64, 96, 128, ...)")
     if arch.startswith("ssdlite") and fpn_channels != 256:
         raise ConfigError(f"fpn_channels = {fpn_channels}: {arch} has no FPN; leave it at 256")
-    model = DetRaw(arch, _torchvision_net(arch, num_classes, image_size, fpn_channels), num_classes=num_classes,
-                   image_size=image_size, levels=_SSD_LEVELS if arch.startswith("ssdlite") else _FPN_LEVELS)
+    model = DetRaw(arch, torchvision_net(arch, num_classes, image_size, fpn_channels), num_classes=num_classes,
+                   image_size=image_size, levels=SSD_LEVELS if arch.startswith("ssdlite") else FPN_LEVELS)
     log.info("%s: %d classes at %d px, %d anchors", arch, num_classes, image_size, len(model.anchors))
     if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):
-        _load_torchvision_det_weights(model, weights)
+        load_torchvision_det_weights(model, weights)
     elif weights:
         p = Path(weights).expanduser()
         load_det_weights(model, p if p.is_absolute() else Path(base_dir) / p)
@@ -319,7 +319,7 @@ def load_det_weights(model: DetRaw, path: Path) -> None:
     log.info("%s: loaded weights from %s", model.arch, path)
 
 
-def _load_torchvision_det_weights(model: DetRaw, spec: str) -> None:
+def load_torchvision_det_weights(model: DetRaw, spec: str) -> None:
     """``torchvision:<ENUM_NAME>``: the COCO weights of a torchvision-built arch, or the ImageNet
     backbone of a composed one (downloads; needs a network)."""
 
@@ -335,7 +335,10 @@ def _load_torchvision_det_weights(model: DetRaw, spec: str) -> None:
             sd = {"backbone.body." + k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")}
     # torchvision's COCO RetinaNet ran FrozenBatchNorm with eps 0 (its `overwrite_eps`); plain
     # BatchNorm keeps its eps: the difference is negligible against trained running variances.
-    _fit_det_state_dict(model, sd, source=str(weights), may_miss=("backbone.fpn.", "head.") if composed else ())
+    # A composed model keeps random weights everywhere outside the backbone's body (the FPN, the
+    # heads and whatever a subclass adds, such as a mask branch).
+    rest = tuple(sorted({k.split(".", 1)[0] + "." for k in model.state_dict()} - {"backbone."})) + ("backbone.fpn.",)
+    _fit_det_state_dict(model, sd, source=str(weights), may_miss=rest if composed else ())
     log.info("%s: loaded pretrained %s", model.arch, weights)
 
 

@@ -37,6 +37,49 @@ def letterbox(image: Any, size: int) -> tuple[torch.Tensor, float, tuple[int, in
     return canvas, scale, (left, top)
 
 
+def _resized(frame: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(width, height) of a ``frame = (w, h)`` image inside the letterbox, as :func:`letterbox` rounds it."""
+    w, h = frame
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def masks_to_letterbox(masks: np.ndarray, scale: float, pad: tuple[int, int], size: int) -> torch.Tensor:
+    """Original-image masks (K×h×w, nonzero inside) in the letterboxed frame: uint8 K×S×S.
+
+    Resized as :func:`letterbox` resizes the image (bilinear, then a pixel is inside where at
+    least half of it is), placed at ``pad``; the padding is outside every mask.
+    """
+    import torch.nn.functional as F
+
+    m = torch.as_tensor(np.asarray(masks)).to(torch.float32)
+    k, h, w = m.shape
+    out = torch.zeros((k, size, size), dtype=torch.uint8)
+    if k == 0:
+        return out
+    nw, nh = _resized((w, h), scale)
+    resized = F.interpolate(m[:, None], size=(nh, nw), mode="bilinear", align_corners=False)[:, 0] >= 0.5
+    out[:, pad[1] : pad[1] + nh, pad[0] : pad[0] + nw] = resized.to(torch.uint8)
+    return out
+
+
+def masks_from_letterbox(masks: torch.Tensor, scale: float, pad: tuple[int, int], orig_w: int, orig_h: int) -> torch.Tensor:
+    """Letterboxed mask probabilities (K×S×S, 0..1) back to the original image: bool K×h×w.
+
+    The image's region of the canvas is cut out (the padding dropped) and resized bilinearly to
+    ``orig_h × orig_w``; a pixel is inside where the probability is at least 0.5.
+    """
+    import torch.nn.functional as F
+
+    m = torch.as_tensor(masks).to(torch.float32)
+    if m.shape[0] == 0:
+        return torch.zeros((0, orig_h, orig_w), dtype=torch.bool)
+    nw, nh = _resized((orig_w, orig_h), scale)
+    region = m[:, pad[1] : pad[1] + nh, pad[0] : pad[0] + nw]
+    if region.shape[-2:] != (orig_h, orig_w):
+        region = F.interpolate(region[:, None], size=(orig_h, orig_w), mode="bilinear", align_corners=False)[:, 0]
+    return region >= 0.5
+
+
 def _as_boxes(boxes: Any) -> torch.Tensor:
     # float64 so a round trip through the letterbox frame gives the original numbers back.
     t = torch.as_tensor(boxes).detach().cpu().to(torch.float64)

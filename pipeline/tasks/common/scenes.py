@@ -99,6 +99,10 @@ class Scenes:
     - ``labels``: per canvas an int64 ``(k,)`` tensor of digit classes 0..9, matching ``boxes``.
     - ``main_label``: int64 ``N``: the class of the digit with the largest box (first drawn on a
       tie); -1 only for a canvas where no digit kept a stroke (not seen with valid specs).
+    - ``instance_masks`` (only when asked for, else None): per canvas a bool ``(k, S, S)`` tensor
+      matching ``boxes``: each digit's visible stroke pixels, the pixels ``masks`` gives its
+      class (where strokes overlap the digit drawn last owns them, as in ``masks``). A digit
+      whose strokes are all covered has an empty mask.
     """
 
     images: torch.Tensor
@@ -106,6 +110,7 @@ class Scenes:
     boxes: list[torch.Tensor]
     labels: list[torch.Tensor]
     main_label: torch.Tensor
+    instance_masks: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -239,12 +244,13 @@ def _first_last(any_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(hit, first, 0), torch.where(hit, last, 0)
 
 
-def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray) -> Scenes:
+def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray, instances: bool = False) -> Scenes:
     """Render ``n`` canvases described by ``spec`` from digits whose indices are in ``pool``.
 
     ``pool`` holds indices into scikit-learn's digits (see :func:`split_pools`); digits and clutter
     fragments are drawn from it with replacement. The same spec, seed and pool give bitwise
-    identical scenes. Raises ValueError for an empty pool or indices out of range.
+    identical scenes. ``instances`` also keeps each digit's own mask (``Scenes.instance_masks``);
+    it changes nothing else. Raises ValueError for an empty pool or indices out of range.
     """
     images_all, classes_all = _digits()
     pool = np.asarray(pool, dtype=np.int64).ravel()
@@ -269,6 +275,7 @@ def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray) -> Scen
     masks = torch.zeros((n, s, s), dtype=torch.uint8)
     tight = torch.zeros((n, d, 4), dtype=torch.float32)
     kept = torch.from_numpy(placed).clone()
+    owned = torch.zeros((n, d, s, s), dtype=torch.bool) if instances else None
     layer_on = torch.cat([kept, torch.ones((n, c), dtype=torch.bool)], dim=1)  # clutter always drawn
     f32 = lambda a: torch.from_numpy(a).to(torch.float32)  # noqa: E731
     A_t, b_t, centre_t, half_t, contrast_t = map(f32, (A, b, centre, half, contrast))
@@ -298,8 +305,12 @@ def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray) -> Scen
         # compositing: max() never darkens a stroke, so both digits' ink is visible there and the
         # label never names hidden ink; drawing order only breaks the tie.
         mask = torch.zeros((hi - lo, s, s), dtype=torch.uint8)
+        owner = torch.full((hi - lo, s, s), -1, dtype=torch.int64)
         for j in range(d):
             mask = torch.where(stroke[:, j], (cls[lo:hi, j] + 1).to(torch.uint8)[:, None, None], mask)
+            owner = torch.where(stroke[:, j], j, owner)
+        if owned is not None:
+            owned[lo:hi] = owner[:, None] == torch.arange(d)[None, :, None, None]
         if spec.ignore_border:
             fg = (mask > 0).float()[:, None]
             grown = F.max_pool2d(fg, 2 * spec.ignore_border + 1, stride=1, padding=spec.ignore_border)[:, 0] > 0
@@ -312,7 +323,9 @@ def make_scenes(spec: SceneSpec, n: int, *, seed: int, pool: np.ndarray) -> Scen
     box_list = [tight[i][kept[i]] for i in range(n)]
     label_list = [cls[i][kept[i]] for i in range(n)]
     log.debug("scenes: %d canvases of %d px, %d digits", n, s, int(kept.sum()))
-    return Scenes(images=images, masks=masks, boxes=box_list, labels=label_list, main_label=main.to(torch.int64))
+    inst = [owned[i][kept[i]] for i in range(n)] if owned is not None else None
+    return Scenes(images=images, masks=masks, boxes=box_list, labels=label_list, main_label=main.to(torch.int64),
+                  instance_masks=inst)
 
 
 def scene_spec(cfg: "DataConfig") -> SceneSpec:

@@ -151,10 +151,10 @@ class Detection(Task):
 
     def default_layers(self, arch: str) -> list[str]:
         """Every FPN output level (P3-P7; SSDlite's six feature maps), one MGD loss each."""
-        from pipeline.tasks.common.detectors import _FPN_LEVELS, _SSD_LEVELS, det_arch_kind
+        from pipeline.tasks.common.detectors import FPN_LEVELS, SSD_LEVELS, det_arch_kind
 
         try:
-            levels = _SSD_LEVELS if det_arch_kind(arch) == "ssd" else _FPN_LEVELS
+            levels = SSD_LEVELS if det_arch_kind(arch) == "ssd" else FPN_LEVELS
         except ConfigError:
             return ["fpn_taps.p3"]  # an unknown arch fails later, in preflight, with suggestions
         return [f"fpn_taps.{level}" for level in levels]
