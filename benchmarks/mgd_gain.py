@@ -10,6 +10,7 @@ of the per-seed differences, and how many seeds went up).
     python benchmarks/mgd_gain.py                                  # classification: pipeline.toml as written, 5 seeds
     python benchmarks/mgd_gain.py --task segmentation              # configs/scenes-segmentation.toml, 3 seeds
     python benchmarks/mgd_gain.py --task detection                 # configs/scenes-detection.toml, 3 seeds
+    python benchmarks/mgd_gain.py --task instance_segmentation     # configs/scenes-instance.toml, 3 seeds
     python benchmarks/mgd_gain.py --alpha 7e-5 3.43e-3 --seeds 0 1 2   # several alphas, one teacher per seed
     python benchmarks/mgd_gain.py --unlabeled rest --dev 0.2 --seeds 0 1 2   # with the unlabelled stream ('+u'), on a development split
     python benchmarks/mgd_gain.py --config configs/digits.toml --train-share 0.15 --teacher-epochs 60 \
@@ -37,7 +38,8 @@ from pipeline.tasks import task_for
 from pipeline.ui import console, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
-# "mgd+init": MGD with `init_student` (the student starts from the teacher's neck and head).
+# "mgd+init": MGD with `init_student` (the student starts from the teacher's neck and head); for a
+# task that has `init_student`, the other methods run without it.
 # "+u": the same method with the unlabelled stream (`[distill] unlabeled`, from --unlabeled).
 METHODS = ("none", "kd", "mgd", "mgd+kd", "mgd+init", "kd+u", "mgd+u", "mgd+kd+u", "mgd+init+u")
 # Per task: the config, the methods compared and the seeds, unless given on the command line.
@@ -45,6 +47,7 @@ DEFAULTS = {
     "classification": (ROOT / "pipeline.toml", ("none", "mgd"), [0, 1, 2, 3, 4]),
     "segmentation": (ROOT / "configs" / "scenes-segmentation.toml", ("none", "mgd", "mgd+kd"), [0, 1, 2]),
     "detection": (ROOT / "configs" / "scenes-detection.toml", ("none", "mgd", "mgd+init"), [0, 1, 2]),
+    "instance_segmentation": (ROOT / "configs" / "scenes-instance.toml", ("none", "mgd", "mgd+init"), [0, 1, 2]),
 }
 
 
@@ -137,7 +140,7 @@ def _config(base: config.Config, args: argparse.Namespace, tmp: str, seed: int, 
                           unlabeled=args.unlabeled if stream else "")
     if args.dev is not None:
         raw["data"]["dev_fraction"] = args.dev
-    if base.pipeline.task == "detection":
+    if task_for(base).init_student_prefixes:
         raw["distill"]["init_student"] = method.endswith("+init")
     mgd = raw["distill"]["mgd"]
     for key, value in (("alpha", alpha), ("mask", args.mask), ("mask_ratio", args.mask_ratio),
