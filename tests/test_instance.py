@@ -318,3 +318,16 @@ def test_scene_instances_are_the_visible_strokes_of_each_digit():
             assert (semantic[m] == label + 1).all()  # the semantic mask gives those pixels that class
         fg = (semantic > 0) & (semantic != 255)
         assert torch.equal(masks.any(0), fg)  # and every stroke pixel belongs to some digit
+
+
+def test_scene_items_carry_masks_their_rles_and_boxes_that_hold_them():
+    cfg = _cfg(data={"scenes": {"train_images": 12, "val_images": 4, "min_digits": 2, "max_digits": 3}})
+    bundle = _task().load_data(cfg.data, 0, cfg.resolve("."))
+    x, target = bundle.val[0]
+
+    assert x.shape == (3, S, S) and bundle.classes == [str(d) for d in range(10)]
+    assert len(target["masks"]) == len(target["boxes"]) == len(target["rles"]) >= 1
+    for mask, box, rle in zip(target["masks"], target["boxes"], target["rles"]):
+        assert np.array_equal(rle_decode(rle), mask.numpy())
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
