@@ -47,7 +47,8 @@ DEFAULTS = {
     "classification": (ROOT / "pipeline.toml", ("none", "mgd"), [0, 1, 2, 3, 4]),
     "segmentation": (ROOT / "configs" / "scenes-segmentation.toml", ("none", "mgd", "mgd+kd"), [0, 1, 2]),
     "detection": (ROOT / "configs" / "scenes-detection.toml", ("none", "mgd", "mgd+init"), [0, 1, 2]),
-    "instance_segmentation": (ROOT / "configs" / "scenes-instance.toml", ("none", "mgd", "mgd+init"), [0, 1, 2]),
+    "instance_segmentation": (ROOT / "configs" / "scenes-instance.toml", ("none", "mgd", "mgd+init", "mgd+init+u"),
+                              [0, 1, 2]),
 }
 
 
@@ -110,7 +111,7 @@ def _args() -> argparse.Namespace:
     args.config = args.config or str(path)
     if args.unlabeled is None:  # the config's own stream, if it has one
         args.unlabeled = config.load(args.config).distill.unlabeled or None
-    if args.unlabeled and not args.methods:
+    if args.unlabeled and not args.methods and not any(m.endswith("+u") for m in methods):
         methods = ("none", "kd", "mgd", "mgd+kd", "kd+u", "mgd+u", "mgd+kd+u")
     args.methods = args.methods or list(methods)
     if any(m.endswith("+u") for m in args.methods) and not args.unlabeled:
