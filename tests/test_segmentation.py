@@ -217,7 +217,8 @@ def test_segmentation_end_to_end_on_mask_folders(tmp_path):
 def test_an_unknown_task_is_a_config_error_naming_the_choices():
     import pipeline.tasks as tasks
 
-    with pytest.raises(ConfigError, match="pipeline.task = 'tracking': allowed: classification, detection, segmentation, "
+    with pytest.raises(ConfigError, match="pipeline.task = 'tracking': allowed: classification, detection, "
+                                          "instance_segmentation, segmentation, "
                                           "or the dotted path of an importable module that defines TASK"):
         tasks.get_task("tracking")
     with pytest.raises(ConfigError, match="the module defines no TASK"):
