@@ -37,11 +37,11 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from pipeline.errors import DataError
 from pipeline.tasks.common.letterbox import PAD_VALUE, boxes_from_letterbox, boxes_to_letterbox, letterbox
@@ -396,3 +396,15 @@ class CocoDetectionDataset(Dataset):
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack the images (N×3×S×S) and keep the targets as a list: their box counts differ."""
     return torch.stack([x for x, _ in batch]), [t for _, t in batch]
+
+
+def coco_datasets(train_split: CocoSplit, val_split: CocoSplit, cfg: Any,
+                  share: Callable[[Dataset], Dataset]) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+    """The training set (``share`` of it: ``[data] train_fraction``), the same images under the
+    eval transform (calibration draws from it), the val set and the class names of a COCO source."""
+    s, mean, std = cfg.image_size, cfg.mean, cfg.std
+    train = share(CocoDetectionDataset(train_split, s, mean, std, augment=cfg.augment))
+    plain: Dataset = CocoDetectionDataset(train_split, s, mean, std, augment=False)
+    if isinstance(train, Subset):
+        plain = Subset(plain, train.indices)
+    return train, plain, CocoDetectionDataset(val_split, s, mean, std, augment=False), list(train_split.class_names)

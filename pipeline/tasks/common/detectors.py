@@ -254,16 +254,27 @@ def build_det_model(
     archs, ImageNet backbone weights for the composed ones). Raises :class:`ConfigError`.
     """
     check_det_arch(arch)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes = {num_classes!r}: must be a positive integer")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        # Multiples of 32 keep every level's stride exact (torchvision's transform pads to them too).
-        raise ConfigError(f"image_size = {image_size!r}: detection needs a multiple of 32 (32, 64, 96, 128, ...)")
+    check_size_and_classes(num_classes, image_size, "detection")
     if arch.startswith("ssdlite") and fpn_channels != 256:
         raise ConfigError(f"fpn_channels = {fpn_channels}: {arch} has no FPN; leave it at 256")
     model = DetRaw(arch, torchvision_net(arch, num_classes, image_size, fpn_channels), num_classes=num_classes,
                    image_size=image_size, levels=SSD_LEVELS if arch.startswith("ssdlite") else FPN_LEVELS)
     log.info("%s: %d classes at %d px, %d anchors", arch, num_classes, image_size, len(model.anchors))
+    return with_weights(model, arch, weights, base_dir)
+
+
+def check_size_and_classes(num_classes: int, image_size: int, task: str) -> None:
+    """A ConfigError unless ``num_classes`` is a positive integer and ``image_size`` a multiple of 32
+    (every level's stride stays exact; torchvision's transform pads to them too)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes = {num_classes!r}: must be a positive integer")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+        raise ConfigError(f"image_size = {image_size!r}: {task} needs a multiple of 32 (32, 64, 96, 128, ...)")
+
+
+def with_weights(model: nn.Module, arch: str, weights: str, base_dir: Path) -> nn.Module:
+    """``model`` with ``weights`` loaded (a torchvision name or a checkpoint file, relative to
+    ``base_dir``) and BatchNorm momenta as the family trains them."""
     if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):
         load_torchvision_det_weights(model, weights)
     elif weights:

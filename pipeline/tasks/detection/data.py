@@ -58,16 +58,11 @@ def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     from pipeline.tasks.common.coco import detection_collate
 
     if cfg.source == "coco":
-        from pipeline.tasks.common.coco import CocoDetectionDataset, load_coco_splits
+        from pipeline.tasks.common.coco import coco_datasets, load_coco_splits
 
         train_split, val_split = load_coco_splits(*(_path(cfg, k, base_dir) for k in _COCO_KEYS))
-        s, mean, std = cfg.image_size, cfg.mean, cfg.std
-        train = _subset(CocoDetectionDataset(train_split, s, mean, std, augment=cfg.augment), cfg.train_fraction, seed)
-        plain = CocoDetectionDataset(train_split, s, mean, std, augment=False)  # calibration: eval transform
-        if isinstance(train, Subset):
-            plain = Subset(plain, train.indices)
-        val = CocoDetectionDataset(val_split, s, mean, std, augment=False)
-        classes = list(train_split.class_names)
+        train, plain, val, classes = coco_datasets(train_split, val_split, cfg,
+                                                   lambda d: _subset(d, cfg.train_fraction, seed))
     else:
         from pipeline.tasks.detection.scenes import SCENE_CLASSES, SceneDetectionDataset
         from pipeline.tasks.common.scenes import make_scenes, split_pools

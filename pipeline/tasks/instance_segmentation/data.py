@@ -56,16 +56,11 @@ def load_data(cfg: DataConfig, seed: int, base_dir: Path) -> DataBundle:
     from pipeline.tasks.common.coco import detection_collate
 
     if cfg.source == "coco":
-        from pipeline.tasks.common.coco import CocoDetectionDataset, load_coco_splits
+        from pipeline.tasks.common.coco import coco_datasets, load_coco_splits
 
         train_split, val_split = load_coco_splits(*_coco_paths(cfg, base_dir), masks=True)
-        s, mean, std = cfg.image_size, cfg.mean, cfg.std
-        train = _share(CocoDetectionDataset(train_split, s, mean, std, augment=cfg.augment), cfg.train_fraction, seed)
-        plain = CocoDetectionDataset(train_split, s, mean, std, augment=False)  # calibration: eval transform
-        if isinstance(train, Subset):
-            plain = Subset(plain, train.indices)
-        val = CocoDetectionDataset(val_split, s, mean, std, augment=False)
-        classes = list(train_split.class_names)
+        train, plain, val, classes = coco_datasets(train_split, val_split, cfg,
+                                                   lambda d: _share(d, cfg.train_fraction, seed))
     else:
         from pipeline.tasks.common.scenes import make_scenes, scene_spec, split_pools
         from pipeline.tasks.instance_segmentation.scenes import SCENE_CLASSES, SceneInstanceDataset

@@ -39,14 +39,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.common.box_decode import OUTPUT_NAMES as BOX_OUTPUTS
-from pipeline.tasks.common.detectors import (
-    FPN_LEVELS,
-    load_torchvision_det_weights,
-    torchvision_net,
-    DetRaw,
-    load_det_weights,
-)
-from pipeline.tasks.common.weights import TORCHVISION_WEIGHTS_PREFIX, standard_bn_momentum
+from pipeline.tasks.common.detectors import FPN_LEVELS, DetRaw, check_size_and_classes, torchvision_net, with_weights
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +138,9 @@ def build_inst_model(arch: str, num_classes: int, *, image_size: int, weights: s
     Raises :class:`ConfigError`.
     """
     det = detector_arch(arch)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes = {num_classes!r}: must be a positive integer")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
-        raise ConfigError(f"image_size = {image_size!r}: instance segmentation needs a multiple of 32 (64, 96, 128, ...)")
+    check_size_and_classes(num_classes, image_size, "instance segmentation")
     model = InstRaw(arch, torchvision_net(det, num_classes, image_size, fpn_channels), num_classes=num_classes,
                     image_size=image_size)
     log.info("%s: %d classes at %d px, %d locations, %d prototypes at %d px", arch, num_classes, image_size,
              len(model.anchors), model.num_protos, image_size // PROTO_STRIDE)
-    if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):
-        load_torchvision_det_weights(model, weights)
-    elif weights:
-        p = Path(weights).expanduser()
-        load_det_weights(model, p if p.is_absolute() else Path(base_dir) / p)
-    return standard_bn_momentum(model, arch)
+    return with_weights(model, arch, weights, base_dir)
