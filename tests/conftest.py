@@ -97,7 +97,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**__import__("os").environ, "COLUMNS": "200"},
+        env={**__import__("os").environ, "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"},  # a native crash shows where
     )
 
 
