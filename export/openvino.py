@@ -331,7 +331,7 @@ def _missing(*packages: str):
 
 PROBES = {
     "openvino_fp32": Probe(_probe(int8=False), reads=("onnx",), unavailable=_missing("openvino", "onnxruntime")),
-    "openvino_int8": Probe(_probe(int8=True), reads=("onnx",), built=lambda cfg: "int8" in cfg.openvino.precisions,
+    "openvino_int8": Probe(_probe(int8=True), reads=("onnx",), built=lambda cfg: "int8" in cfg.openvino.precisions, default=True,
                            unavailable=_missing("openvino", "nncf", "onnxruntime")),
 }
 

@@ -187,10 +187,12 @@ class Probe:
     checks and with only a few calibration images. `built(cfg)`: whether this config makes the
     artifact at all. `unavailable(cfg)`: why it cannot be built or run on this machine, or None.
     `reads`: the config tables the build depends on (they join the cache key of a stage timing it).
+    `default`: the build a latency target is timed on when the config names none.
     """
 
     build: Callable[[Any, ProbeSpec], "Runtime"]
     reads: tuple[str, ...] = ()
+    default: bool = False
     built: Callable[["Config"], bool] = lambda cfg: True
     unavailable: Callable[["Config"], str | None] = lambda cfg: None
 
