@@ -54,7 +54,7 @@ RECORD = "latency_search.json"
 PREFLIGHT_RECORD = "latency_preflight.json"
 BLOCKS = 5  # timed blocks per probe; the probe's latency is their median
 CALIBRATION_IMAGES = 8  # images an INT8 probe calibrates on (timing only: accuracy is not judged on probes)
-MACHINE_NOTE = ("a budget in ms holds on the machine that measured it (this one); use target_speedup for a "
+MACHINE_NOTE = ("A budget in ms holds on the machine that measured it (this one); use target_speedup for a "
                 "budget that travels (CI, another host)")
 
 
