@@ -217,7 +217,7 @@ class DistillConfig(OptimConfig):
 
 class PruneConfig(_Section):
     enabled: bool = Field(False, description="Run structured pruning of the distilled student.")
-    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed; with target_latency_ms or target_speedup the search chooses it (leave it out).")
     importance: Literal["magnitude", "taylor", "bn_scale"] = Field("magnitude", description="magnitude | taylor | bn_scale")
     steps: int = Field(1, ge=1, le=100, description="Iterative pruning steps.")
     round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this; a layer narrower than round_to / (1 - ratio) keeps every channel.")
