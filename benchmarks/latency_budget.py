@@ -114,7 +114,14 @@ def run_demo(cfg_path: Path, speedup: float, out) -> None:
     work.mkdir(parents=True, exist_ok=True)
     toml = work.parent / "latency_budget_demo.toml"
     toml.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(toml), "--until", "prune"], cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(toml), "--until", "prune"], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if not (work / "manifest.json").is_file():
+        refusal = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        print(f"demo: target_speedup {speedup} refused before training (exit {proc.returncode}): "
+              f"{' '.join(refusal) or 'see the log'}", file=out)
+        return
     m = json.loads((work / "manifest.json").read_text())
     rec = m["stages"]["prune"]
     if rec["status"] != "ok":
@@ -131,7 +138,8 @@ def run_demo(cfg_path: Path, speedup: float, out) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v3_large"])
+    ap.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v3_large"],
+                    help="none (--models alone) with --demo: only the demo run")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--build", default="openvino_fp32")
     ap.add_argument("--threads", type=int, default=2)
@@ -144,6 +152,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = sys.stdout
     rows = [row for arch in args.models for row in bench_model(arch, args, out)]
+    if rows:
+        _table(rows, out)
+    if args.demo:
+        run_demo(args.demo, args.demo_speedup, out)
+
+
+def _table(rows: list[dict], out) -> None:
     print("\n| model | budget ms | chosen ratio | search ms | re-timed ms | re-timed / budget | probes | within 10% |",
           file=out)
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", file=out)
@@ -152,8 +167,6 @@ def main() -> None:
               f"| {r['vs_budget']:.3f} | {r['probes']} | {'yes' if r['within_10pct'] else 'no'} |", file=out)
     ok = sum(r["within_10pct"] and r["probes"] <= 6 for r in rows)
     print(f"\n{ok} of {len(rows)} budgets met within 10% in at most 6 probes", file=out)
-    if args.demo:
-        run_demo(args.demo, args.demo_speedup, out)
 
 
 if __name__ == "__main__":
