@@ -49,7 +49,7 @@ from pipeline.errors import ConfigError
 from pipeline.schema import OnnxConfig
 from pipeline.manifest import ArtifactRole, atomic_write_bytes
 from pipeline.models import build_teacher, load_final_student
-from pipeline.stage import Measure, StageContext, StageResult, register
+from pipeline.stage import Measure, Probe, ProbeSpec, StageContext, StageResult, register
 from pipeline.tasks import Task
 from pipeline.torch_runtime import TorchRuntime
 
@@ -414,6 +414,46 @@ def _build_int8(ctx: StageContext, fp32: Path, path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Probe builds (timed by the prune stage's latency search)
+# --------------------------------------------------------------------------------------------
+
+
+def probe_export(model: nn.Module, spec: ProbeSpec) -> Path:
+    """`model` exported as the stage exports the student (`[onnx]` opset, batch axis,
+    simplification) to `spec.work_dir/probe.onnx`, without the parity checks."""
+    cfg: OnnxConfig = spec.cfg.onnx
+    path = spec.work_dir / "probe.onnx"
+    export_model(model, spec.input_shape, path, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                 simplify=cfg.simplify, what="probe", output_names=spec.task.output_names)
+    return path
+
+
+def _probe(int8: bool):
+    def build(model: nn.Module, spec: ProbeSpec) -> OrtRuntime:
+        path = probe_export(model, spec)
+        if int8:
+            q = spec.work_dir / "probe_int8.onnx"
+            quantize_int8(path, q, spec.calibration, dynamic=spec.cfg.onnx.dynamic_batch,
+                          keep_outputs_fp32=spec.task.int8_fp32_outputs)
+            path = q
+        return _ort(path, spec.threads)
+
+    return build
+
+
+def _ort_missing(cfg) -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
+
+
+PROBES = {
+    "onnx": Probe(_probe(int8=False), reads=("onnx",), unavailable=_ort_missing),
+    "onnx_int8": Probe(_probe(int8=True), reads=("onnx",), built=lambda cfg: cfg.onnx.int8, unavailable=_ort_missing),
+}
+
+
+# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -425,7 +465,7 @@ def _warn_fallback(result: StageResult, artifact: str, build: _Build) -> None:
 
 
 @register("onnx", order=40, inputs=("pruned|student", "teacher"), reads=("data", "distill", "teacher"),
-          enabled=lambda cfg: cfg.onnx.enabled,
+          enabled=lambda cfg: cfg.onnx.enabled, probes=PROBES,
           artifacts={
               "onnx": ArtifactRole(model="student", runtime="onnxruntime", precision="fp32", target="onnxruntime"),
               "onnx_int8": ArtifactRole(model="student", runtime="onnxruntime", precision="int8", target="onnxruntime",

@@ -39,7 +39,7 @@ from pipeline import dist, faults
 from pipeline.errors import ConfigError
 from pipeline.schema import OpenVINOConfig
 from pipeline.manifest import ArtifactRole
-from pipeline.stage import Measure, StageContext, StageResult, register
+from pipeline.stage import Measure, Probe, ProbeSpec, StageContext, StageResult, register
 from pipeline.tasks import Task
 
 if TYPE_CHECKING:
@@ -297,8 +297,47 @@ def _build_fp32(ctx: StageContext, model: "ov.Model", stem: str) -> tuple[Path, 
     return xml, runtime
 
 
+def _probe(int8: bool):
+    """A probe build (for the prune stage's latency search): the model exported as the onnx stage
+    exports it, converted, NNCF-quantized on the probe's few calibration images for INT8, and
+    compiled with the stage's inference precision and the probe's threads."""
+
+    def build(model, spec: ProbeSpec) -> OpenVINORuntime:
+        import nncf
+
+        from export.onnx import probe_export
+
+        cfg: OpenVINOConfig = spec.cfg.openvino
+        ov_model = _convert(probe_export(model, spec))
+        if int8:
+            scope = (nncf.IgnoredScope(names=openvino_output_layers(ov_model), validate=False)
+                     if spec.task.int8_fp32_outputs else None)
+            ov_model = quantize_int8(ov_model, spec.calibration, preset=cfg.preset, ignored_scope=scope)
+        xml = _save_ir(ov_model, spec.work_dir / f"probe_{'int8' if int8 else 'fp32'}.xml")
+        return OpenVINORuntime(xml, threads=spec.threads, precision=cfg.inference_precision)
+
+    return build
+
+
+def _missing(*packages: str):
+    def unavailable(cfg) -> str | None:
+        import importlib.util
+
+        absent = [p for p in packages if importlib.util.find_spec(p) is None]
+        return f"{' and '.join(absent)} not installed" if absent else None
+
+    return unavailable
+
+
+PROBES = {
+    "openvino_fp32": Probe(_probe(int8=False), reads=("onnx",), unavailable=_missing("openvino", "onnxruntime")),
+    "openvino_int8": Probe(_probe(int8=True), reads=("onnx",), built=lambda cfg: "int8" in cfg.openvino.precisions, default=True,
+                           unavailable=_missing("openvino", "nncf", "onnxruntime")),
+}
+
+
 @register("openvino", order=50, inputs=("onnx", "teacher_onnx?"), reads=("data",),
-          enabled=lambda cfg: cfg.openvino.enabled,
+          enabled=lambda cfg: cfg.openvino.enabled, probes=PROBES,
           artifacts={
               "openvino_fp32": ArtifactRole(model="student", runtime="openvino", precision="fp32", target="openvino"),
               "openvino_int8": ArtifactRole(model="student", runtime="openvino", precision="int8", target="openvino",

@@ -55,7 +55,7 @@ from pipeline import dist
 from pipeline.schema import DataConfig, TensorRTConfig
 from pipeline.errors import ConfigError, LibraryError, UserError
 from pipeline.manifest import ArtifactRole, Manifest, atomic_write_bytes, verify_artifact
-from pipeline.stage import Command, Measure, StageContext, StageResult, register
+from pipeline.stage import Command, Measure, Probe, ProbeSpec, StageContext, StageResult, register
 
 if TYPE_CHECKING:
     import onnx
@@ -120,19 +120,25 @@ def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tupl
 
 def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
               fixed_batch: int | None) -> tuple[int, int]:
-    """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically); return the image count
-    and the number of output layers kept in floating point."""
+    """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically), calibrated on the
+    calibration split; return the image count and the number of output layers kept in floating point."""
+    return quantize_qdq(ctx.cfg.tensorrt, ctx.data.loader("calibration", ctx.cfg.data.batch_size), source, target,
+                        input_name, fixed_batch, keep_outputs_fp32=ctx.task.int8_fp32_outputs, work_dir=ctx.out_dir)
+
+
+def quantize_qdq(cfg: TensorRTConfig, batches, source: Path, target: Path, input_name: str, fixed_batch: int | None,
+                 *, keep_outputs_fp32: bool, work_dir: Path) -> tuple[int, int]:
+    """The symmetric signed-INT8 Q/DQ model TensorRT takes, calibrated on `batches` of `(images, ...)`."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    cfg: TensorRTConfig = ctx.cfg.tensorrt
-    with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".qdq-") as tmp:
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".qdq-") as tmp:
         # Shape inference only: graph optimisation would rename or fuse tensors, and the cache's
         # tensor names must be those of the FP32 ONNX that `trtexec --calib` reads.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(source), str(pre), skip_optimization=True)
-        reader = calibration_reader(ctx.data.loader("calibration", ctx.cfg.data.batch_size), input_name, fixed_batch,
+        reader = calibration_reader(batches, input_name, fixed_batch,
                                     description=f"trt_qdq calibration ({cfg.calibration})")
         extra: dict[str, Any] = {
             "ActivationSymmetric": True,  # zero point 0: TensorRT rejects asymmetric INT8
@@ -147,7 +153,7 @@ def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
             extra["CalibPercentile"] = cfg.percentile
         out = Path(tmp) / "qdq.onnx"
         # Detection heads stay FP (the task asks): TensorRT then runs those layers in FP16/FP32.
-        excluded = onnx_output_layers(onnx.load(str(pre))) if ctx.task.int8_fp32_outputs else []
+        excluded = onnx_output_layers(onnx.load(str(pre))) if keep_outputs_fp32 else []
         chatter = io.StringIO()
         # ORT's histogram calibrators print progress to stdout; keep it out of the user's terminal.
         with contextlib.redirect_stdout(chatter):
@@ -408,6 +414,27 @@ def _build_engine_command(run_dir: Path) -> str:
     return f"engine: {build_engine_from_run(run_dir)}"
 
 
+def _probe_engine(model, spec: ProbeSpec) -> TensorRTRuntime:
+    """A probe build (for the prune stage's latency search): the Q/DQ model calibrated on the probe's
+    few images and its engine at batch 1, on the current CUDA device."""
+    from export.onnx import probe_export
+
+    cfg: TensorRTConfig = spec.cfg.tensorrt
+    source = probe_export(model, spec)
+    input_name, dims = _graph_input(source)
+    image = _input_shape(dims, spec.input_shape)
+    qdq = spec.work_dir / "probe_qdq.onnx"
+    quantize_qdq(cfg, spec.calibration, source, qdq, input_name, dims[0] if dims else None,
+                 keep_outputs_fp32=spec.task.int8_fp32_outputs, work_dir=spec.work_dir)
+    engine = build_engine(qdq, spec.work_dir / "probe.engine", batch_size=1, input_shape=image,
+                          workspace_mb=cfg.workspace_mb)
+    return TensorRTRuntime(engine)
+
+
+PROBES = {"trt_engine": Probe(_probe_engine, built=lambda cfg: cfg.tensorrt.build_engine,
+                              unavailable=lambda cfg: _tensorrt_missing())}
+
+
 @register("tensorrt", order=60, inputs=("onnx",), reads=("data",), enabled=lambda cfg: cfg.tensorrt.enabled,
           artifacts={
               "trt_qdq": ArtifactRole(model="student", runtime="onnxruntime", precision="int8", fp32="onnx",
@@ -415,6 +442,7 @@ def _build_engine_command(run_dir: Path) -> str:
               "trt_calib_cache": ArtifactRole(model="none"),
               "trt_engine": ArtifactRole(model="student", runtime="tensorrt", precision="int8", target="tensorrt"),
           },
+          probes=PROBES,
           commands=(Command("build-engine", "build the TensorRT engine of a finished run on this machine "
                                             "(TensorRT + CUDA)", _build_engine_command),))
 def run(ctx: StageContext) -> StageResult:

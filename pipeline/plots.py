@@ -4,6 +4,8 @@
   against latency p50 at batch 1 (log x), one labelled point per artifact coloured by runtime,
   the Pareto front of the candidates (reference builds excluded) highlighted;
 - `stage_bars`: the quality metric and latency p50 per artifact, grouped by stage;
+- `latency_vs_ratio`: a latency search's probes (latency p50 against the pruning ratio), the target
+  line and the chosen ratio;
 - `training_curves`: loss and every recorded `train_*` / `val_*` metric per epoch for every
   artifact with a history.
 
@@ -225,6 +227,35 @@ def stage_bars(rows: Sequence[tuple[str, float | None, float | None]], metric: s
         ax.grid(True, axis="y", alpha=0.3)
     ax_acc.set_title(f"{metric} per artifact")
     ax_lat.set_title("latency per artifact")
+    return _png(fig)
+
+
+def latency_vs_ratio(points: Sequence[tuple[float, float]], target_ms: float, chosen: float | None,
+                     build: str = "") -> bytes:
+    """A latency search: each probe's latency p50 (ms) against its pruning ratio, in probe order
+    (numbered), the target as a horizontal line and the chosen ratio ringed."""
+    pts = [(r, lat) for r, lat in points if _finite(r) and _finite(lat)]
+    if not pts:
+        raise PlotDataMissing("the search recorded no probe")
+    fig, (ax,) = _figure(6.4, 4.0)
+    ordered = sorted(pts)
+    ax.plot([r for r, _ in ordered], [lat for _, lat in ordered], "-", color="tab:gray", alpha=0.5, zorder=1)
+    meets = [_finite(target_ms) and lat <= target_ms for _, lat in pts]
+    ax.scatter([r for r, _ in pts], [lat for _, lat in pts], c=["tab:green" if m else "tab:red" for m in meets],
+               zorder=2, label="probe (green: meets the target)")
+    for i, (r, lat) in enumerate(pts, 1):
+        ax.annotate(str(i), (r, lat), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    if _finite(target_ms):
+        ax.axhline(target_ms, color="tab:blue", linestyle="--", label=f"target {target_ms:.3g} ms")
+    hit = [(r, lat) for r, lat in pts if chosen is not None and abs(r - chosen) < 1e-9]
+    if hit:
+        ax.scatter([hit[0][0]], [hit[0][1]], s=220, facecolors="none", edgecolors="black", linewidths=1.5, zorder=3,
+                   label=f"chosen ratio {hit[0][0]:.2f}")
+    ax.set_xlabel("pruning ratio (fraction of channels removed)")
+    ax.set_ylabel(f"latency p50, batch 1 (ms){' on ' + build if build else ''}")
+    ax.set_title("latency search: probes in the order measured")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -110,7 +110,7 @@ def cache_key(stage: Stage, cfg: Config, inputs: dict[str, Artifact], versions: 
     """sha256 over everything that determines a stage's outputs."""
     payload = {
         "stage": stage.name,
-        "config": {k: getattr(cfg, k).model_dump(mode="json") for k in stage.reads},
+        "config": {k: getattr(cfg, k).model_dump(mode="json") for k in stage.reads_for(cfg)},
         "seed": cfg.pipeline.seed,
         "task": cfg.pipeline.task,
         "inputs": {name: art.sha256 for name, art in sorted(inputs.items())},
@@ -386,7 +386,7 @@ class Runner:
 
     def _context(self, stage: Stage, key: str, inputs: dict[str, Artifact], device, data_holder) -> StageContext:
         ctx = StageContext(
-            cfg=ScopedConfig(self.cfg, stage.name, stage.reads), name=stage.name, workdir=self.cfg.workdir,
+            cfg=ScopedConfig(self.cfg, stage.name, stage.reads_for(self.cfg)), name=stage.name, workdir=self.cfg.workdir,
             inputs={n: self.cfg.workdir / a.path for n, a in inputs.items()}, device=device, key=key,
         )
         if "data" in data_holder:
@@ -411,7 +411,7 @@ class Runner:
         started, t0 = _now(), time.perf_counter()
         ctx = self._context(stage, key, inputs, device, data_holder)
         base = dict(
-            key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.reads},
+            key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.reads_for(self.cfg)},
             inputs=inputs, started=started, seed=self.cfg.pipeline.seed, device=str(device), versions=versions,
             artifacts=stage.artifacts,
         )

@@ -217,13 +217,42 @@ class DistillConfig(OptimConfig):
 
 class PruneConfig(_Section):
     enabled: bool = Field(False, description="Run structured pruning of the distilled student.")
-    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed.")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels removed; with target_latency_ms or target_speedup the search chooses it (leave it out).")
     importance: Literal["magnitude", "taylor", "bn_scale"] = Field("magnitude", description="magnitude | taylor | bn_scale")
     steps: int = Field(1, ge=1, le=100, description="Iterative pruning steps.")
     round_to: int = Field(8, ge=1, description="Keep channel counts multiples of this; a layer narrower than round_to / (1 - ratio) keeps every channel.")
     ignore_layers: list[str] = Field([], description="Layers never pruned (the classifier head always is kept).")
     heal_epochs: int = Field(3, ge=0, le=10_000, description="MGD fine-tune epochs after pruning.")
     lr: float = Field(0.01, gt=0, le=10, description="Healing learning rate; unset: the task's recipe (heal_lr).")
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Prune to a latency budget instead of a ratio: the least pruning whose target_build "
+                                "measures at most this p50 at batch 1 (ms, on this machine; docs/deployment.md).")
+    target_speedup: float | None = Field(
+        None, gt=1, description="Prune to a speedup instead of a ratio: the least pruning whose target_build is this "
+                                "many times faster than the unpruned student's, measured back to back (portable, for CI).")
+    target_build: str = Field(
+        "", description="The build a target is measured on (an artifact name: openvino_int8, onnx, ...); '': "
+                        "openvino_int8 when the openvino stage builds INT8, else the first build a later stage declares.")
+    max_ratio: float = Field(0.8, gt=0, lt=1, description="With a target: the largest ratio the search may choose.")
+    max_probes: int = Field(6, ge=2, le=50, description="With a target: at most this many quick probe builds (export, "
+                                                           "build, time; no healing); 2 bracket the search.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneConfig":
+        if self.target_latency_ms is not None and self.target_speedup is not None:
+            raise ValueError("prune.target_latency_ms and prune.target_speedup: set one of them, not both")
+        if self.targeted and "ratio" in self.model_fields_set:
+            raise ValueError("prune.ratio: with a target (target_latency_ms / target_speedup) the search chooses the "
+                             "ratio; remove prune.ratio (prune.max_ratio bounds it)")
+        if self.target_build and not self.targeted:
+            raise ValueError("prune.target_build names the build a target is measured on; set target_latency_ms or "
+                             "target_speedup too, or remove it")
+        return self
+
+    @property
+    def targeted(self) -> bool:
+        """True when the ratio is searched for a latency target rather than given."""
+        return self.target_latency_ms is not None or self.target_speedup is not None
 
 
 class OnnxConfig(_Section):

@@ -10,7 +10,11 @@ registered with :func:`register`. The registration declares everything the core 
 - `artifacts`: what it writes, each with its role (:class:`~pipeline.manifest.ArtifactRole`:
   runtime, precision, deployment target, FP32 counterpart, reference builds);
 - `preflight`: checks of the user's input run before anything trains;
-- `commands`: extra CLI commands it adds (e.g. `build-engine`).
+- `commands`: extra CLI commands it adds (e.g. `build-engine`);
+- `probes`: how to make a quick build of an artifact from a torch model, for timing only
+  (:class:`Probe`; the prune stage's latency search times the target build this way, without
+  knowing any runtime);
+- `extra_reads`: config tables the stage reads only under some configs (a function of the config).
 
 Gates, the ship choice, `--target` selection, the report and the config's artifact-name checks
 are derived from these declarations; the runner knows stages only through :data:`REGISTRY`.
@@ -161,6 +165,39 @@ class Command:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    """What a quick probe build gets: the per-image input shape, the thread count to fix, a scratch
+    folder, a few calibration batches (`(images,)` tensors of one image each; INT8 builds calibrate
+    on them), the run's task and the config (a probe reads its own stage's tables)."""
+
+    input_shape: tuple[int, int, int]
+    threads: int
+    work_dir: Path
+    calibration: list
+    task: "Task"
+    cfg: Any
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A quick build of one declared artifact from a torch model, made only to be timed.
+
+    `build(model, spec)` returns a :class:`~pipeline.bench.Runtime` of the model built the way the
+    stage builds the artifact (same runtime, precision, export settings), but without the stage's
+    checks and with only a few calibration images. `built(cfg)`: whether this config makes the
+    artifact at all. `unavailable(cfg)`: why it cannot be built or run on this machine, or None.
+    `reads`: the config tables the build depends on (they join the cache key of a stage timing it).
+    `default`: the build a latency target is timed on when the config names none.
+    """
+
+    build: Callable[[Any, ProbeSpec], "Runtime"]
+    reads: tuple[str, ...] = ()
+    default: bool = False
+    built: Callable[["Config"], bool] = lambda cfg: True
+    unavailable: Callable[["Config"], str | None] = lambda cfg: None
+
+
+@dataclass(frozen=True)
 class Stage:
     """A registered stage and its declarations."""
 
@@ -173,6 +210,13 @@ class Stage:
     enabled: Callable[["Config"], bool]
     preflight: Callable[["Config"], None] | None = None
     commands: tuple[Command, ...] = ()
+    probes: dict[str, Probe] = field(default_factory=dict)
+    extra_reads: Callable[["Config"], tuple[str, ...]] | None = None
+
+    def reads_for(self, cfg: "Config") -> tuple[str, ...]:
+        """The tables the stage reads under `cfg`: its declared `reads`, plus `extra_reads(cfg)`."""
+        extra = self.extra_reads(cfg) if self.extra_reads is not None else ()
+        return self.reads + tuple(dict.fromkeys(k for k in extra if k not in self.reads))
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -198,6 +242,8 @@ def register(
     enabled: Callable[["Config"], bool] | None = None,
     preflight: Callable[["Config"], None] | None = None,
     commands: tuple[Command, ...] = (),
+    probes: dict[str, Probe] | None = None,
+    extra_reads: Callable[["Config"], tuple[str, ...]] | None = None,
 ) -> Callable[[Callable[[StageContext], StageResult]], Callable[[StageContext], StageResult]]:
     """Decorator registering a stage's `run` function under `name` (= its module = its TOML table)."""
 
@@ -207,8 +253,11 @@ def register(
         REGISTRY[name] = Stage(
             name=name, order=order, run=fn, inputs=inputs, artifacts=dict(artifacts),
             reads=(name,) + tuple(k for k in reads if k != name), enabled=enabled or (lambda cfg: True),
-            preflight=preflight, commands=commands,
+            preflight=preflight, commands=commands, probes=dict(probes or {}), extra_reads=extra_reads,
         )
+        unknown = set(probes or {}) - set(artifacts)
+        if unknown:
+            raise ValueError(f"stage {name!r} declares probes for undeclared artifacts {sorted(unknown)}")
         return fn
 
     return deco
@@ -244,6 +293,13 @@ def targets(stages: list[Stage] | None = None) -> list[str]:
         if role.target and role.target not in out:
             out.append(role.target)
     return out
+
+
+def probe_builds(cfg: "Config", stages: list[Stage] | None = None) -> dict[str, tuple[Stage, Probe]]:
+    """Every artifact an enabled stage builds under `cfg` and can probe, in chain order:
+    artifact name -> (its stage, its probe)."""
+    return {art: (s, p) for s in (stages or load_stages()) if s.enabled(cfg)
+            for art, p in s.probes.items() if p.built(cfg)}
 
 
 def stages_for_target(target: str, stages: list[Stage] | None = None) -> set[str]:

@@ -25,9 +25,8 @@ dict as plain data (see `pipeline/models.py`), rebuilt without unpickling any mo
 
 from __future__ import annotations
 
-import difflib
+import copy
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -35,13 +34,14 @@ from torch import nn
 
 from pipeline.bench import latency_metrics
 from pipeline.schema import PruneConfig
-from pipeline.errors import ConfigError, LibraryError
 from pipeline.evaluate import count_macs, count_params, evaluate_module
 from pipeline.manifest import ArtifactRole
 from pipeline.models import build_student, is_pruned_payload, load_student_file, pruned_payload, rebuild_pruned
 from pipeline.stage import Measure, StageContext, StageResult, register
-from pipeline.tasks import Task, task_for
+from pipeline.tasks import task_for
 from pipeline.torch_runtime import TorchRuntime
+from stages import prune_target
+from stages.pruning import ignored_modules, make_pruner, too_narrow  # noqa: F401 - the stage's public API
 from stages.distill_loss import distillation
 from stages.training import fit, loaders, save_torch
 
@@ -51,124 +51,6 @@ Config = PruneConfig
 
 # Batches of calibration images whose gradients feed the Taylor importance (per pruning step).
 _TAYLOR_BATCHES = 4
-
-
-def _importance(name: str):
-    import torch_pruning as tp
-
-    if name == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if name == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    raise ConfigError(f"prune.importance = {name!r}: allowed magnitude, taylor, bn_scale")
-
-
-def ignored_modules(model: nn.Module, cfg: PruneConfig, task: Task) -> list[nn.Module]:
-    """The task's output heads plus every layer named in `prune.ignore_layers` (and its children).
-
-    Raises :class:`ConfigError` naming an unknown layer, with the closest names.
-    """
-    named = dict(model.named_modules())
-    ignored = [named[h] for h in task.prune_keep(model)]
-    for name in cfg.ignore_layers:
-        if name not in named:
-            close = difflib.get_close_matches(name, [n for n in named if n], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"prune.ignore_layers: the student has no layer {name!r}{hint}")
-        ignored.append(named[name])
-    return ignored
-
-
-def too_narrow(model: nn.Module, ignored: list[nn.Module], cfg: PruneConfig) -> list[tuple[str, int]]:
-    """The prunable layers that `ratio` and `round_to` would empty, as `(name, channels)`.
-
-    Torch-Pruning keeps `int(width * (1 - ratio))` channels of a layer and rounds that *down* to a
-    multiple of `round_to`, so a layer narrower than `round_to / (1 - ratio)` would lose every
-    channel, which breaks the network: at the defaults (0.5, 8) every layer under 16 channels,
-    such as the 8-channel squeeze-excitation convs (`fc1`) of MobileNetV3 and EfficientNet.
-    :func:`make_pruner` keeps these layers whole. Layers in `ignored` (the heads, the user's
-    `ignore_layers`) are not listed. Raises :class:`ConfigError` when no prunable layer is left.
-    """
-    skip = {id(m) for root in ignored for m in root.modules()}
-    narrow, prunable = [], 0
-    for name, m in model.named_modules():
-        if id(m) in skip or not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
-        width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        keep = int(width * (1 - cfg.ratio))
-        keep -= keep % cfg.round_to
-        prunable += 1
-        if keep <= 0:
-            narrow.append((name, width))
-    if prunable and len(narrow) == prunable:
-        widest = max(narrow, key=lambda nw: nw[1])
-        raise ConfigError(
-            f"prune.ratio = {cfg.ratio} with prune.round_to = {cfg.round_to} would remove every channel of every "
-            f"prunable layer (the widest, {widest[0]!r}, has {widest[1]}; a layer needs at least "
-            f"{math.ceil(cfg.round_to / (1 - cfg.ratio))}): lower the ratio or round_to, or disable [prune]"
-        )
-    return narrow
-
-
-def _say_kept_whole(narrow: list[tuple[str, int]], cfg: PruneConfig, level: int) -> None:
-    """One log line: which layers pruning leaves whole because it would empty them, and why."""
-    if not narrow:
-        return
-    shown = ", ".join(f"{n} ({w})" for n, w in narrow[:12]) + (f" and {len(narrow) - 12} more" if len(narrow) > 12 else "")
-    log.log(level, "prune: %d layer%s kept whole (at ratio %s with round_to %d a layer needs %d channels, or pruning "
-            "would remove them all; typically squeeze-excitation convs): %s", len(narrow), "s" if len(narrow) > 1 else "",
-            cfg.ratio, cfg.round_to, math.ceil(cfg.round_to / (1 - cfg.ratio)), shown)
-
-
-def _failing_module(model: nn.Module, example: torch.Tensor) -> str | None:
-    """Re-run the forward as Torch-Pruning does (gradients on) with hooks; if it raises, the name
-    of the module that was running, else None (the failure was in Torch-Pruning's graph pass)."""
-    running: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _i, n=n: running.append(n)) for n, m in model.named_modules() if n]
-    # A forward hook that returns a value replaces the module's output: return None explicitly.
-    hooks += [m.register_forward_hook(lambda _m, _i, _o: running.pop() and None) for n, m in model.named_modules() if n]
-    try:
-        with torch.enable_grad():
-            model(example)
-        return None
-    except Exception:
-        return running[-1] if running else "<model>"
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def make_pruner(model: nn.Module, example: torch.Tensor, cfg: PruneConfig, arch: str, task: Task,
-                log_level: int = logging.INFO):
-    """A Torch-Pruning `BasePruner` for `model`: the task's heads, the user's `ignore_layers` and
-    the layers too narrow to prune at this ratio and round_to (:func:`too_narrow`, logged at
-    `log_level`) are its ignored layers, so they keep every channel.
-
-    Raises :class:`LibraryError` when Torch-Pruning cannot trace the model, naming the layer
-    that was running (the model and Torch-Pruning disagree: not a mistake in the config).
-    """
-    import torch_pruning as tp
-
-    ignored = ignored_modules(model, cfg, task)
-    narrow = too_narrow(model, ignored, cfg)
-    _say_kept_whole(narrow, cfg, log_level)
-    named = dict(model.named_modules())
-    ignored += [named[name] for name, _ in narrow]
-    try:
-        return tp.pruner.BasePruner(
-            model, example, importance=_importance(cfg.importance), pruning_ratio=cfg.ratio,
-            iterative_steps=cfg.steps, round_to=cfg.round_to, ignored_layers=ignored,
-        )
-    except Exception as exc:
-        layer = _failing_module(model, example)
-        where = f"layer {layer!r} fails under tracing" if layer else "its outputs or graph are not traceable"
-        raise LibraryError(
-            "Torch-Pruning",
-            f"it cannot trace {arch}: {where} ({type(exc).__name__}: {exc}); "
-            "list the layer in prune.ignore_layers, make the model return tensors, or disable [prune]",
-        ) from None
 
 
 def _taylor_gradients(model: nn.Module, ctx: StageContext) -> None:
@@ -238,10 +120,11 @@ def _payload(ctx: StageContext, model: nn.Module, history: list) -> dict:
                           options=ctx.task.options_of(d))
 
 
-def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, list]:
-    """Prune a copy of the student, or reload the pruned-but-unhealed model saved by an
-    interrupted run of this same stage (same key), so healing resumes on identical channels."""
-    cfg, dcfg = ctx.cfg.prune, ctx.cfg.distill
+def _pruned_unhealed(ctx: StageContext, student: nn.Module, cfg: PruneConfig) -> tuple[nn.Module, list]:
+    """Prune a copy of the student at `cfg.ratio` (0: nothing to prune), or reload the
+    pruned-but-unhealed model saved by an interrupted run of this same stage (same key), so
+    healing resumes on identical channels."""
+    dcfg = ctx.cfg.distill
     saved = ctx.resume_file("pruned_unhealed.pt")
     if saved.is_file():
         obj = torch.load(saved, map_location="cpu", weights_only=True)
@@ -251,7 +134,7 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
     torch.manual_seed(ctx.cfg.pipeline.seed)
     model = build_student(ctx.cfg, ctx.data.num_classes, weights="")
     model.load_state_dict(student.state_dict())
-    history = prune_model(model, ctx, cfg, dcfg.student)
+    history = prune_model(model, ctx, cfg, dcfg.student) if cfg.ratio > 0 else []
     payload = _payload(ctx, model.cpu(), history)
     save_torch({**payload, "key": ctx.key}, saved)
     return model, payload["history"]
@@ -259,18 +142,23 @@ def _pruned_unhealed(ctx: StageContext, student: nn.Module) -> tuple[nn.Module, 
 
 def preflight(cfg) -> None:
     """Ignored layers exist, some layer is wide enough to prune, and Torch-Pruning can trace the
-    student: checked on a randomly initialised student before anything trains."""
+    student: checked on a randomly initialised student before anything trains. With a latency
+    target, also that the build exists and runs here and that `max_ratio` reaches the target
+    (:func:`stages.prune_target.preflight`)."""
     if not cfg.prune.enabled:
         return
     task = task_for(cfg)
     with torch.random.fork_rng():  # probing must not shift the run's random stream
         student = build_student(cfg, 10, weights="").eval()
-        make_pruner(student, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), cfg.prune,
+        pcfg = cfg.prune.model_copy(update={"ratio": cfg.prune.max_ratio}) if cfg.prune.targeted else cfg.prune
+        make_pruner(copy.deepcopy(student), torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), pcfg,
                     cfg.distill.student, task, log_level=logging.DEBUG)  # the stage says it when it prunes
+        if cfg.prune.targeted:
+            prune_target.preflight(cfg, student)
 
 
 @register("prune", order=30, inputs=("student", "teacher"), reads=("distill", "teacher", "data"),
-          enabled=lambda cfg: cfg.prune.enabled, preflight=preflight,
+          enabled=lambda cfg: cfg.prune.enabled, preflight=preflight, extra_reads=prune_target.extra_reads,
           artifacts={"pruned": ArtifactRole(model="student", runtime="torch", precision="fp32", target="torch",
                                             supersedes="student")})
 def run(ctx: StageContext) -> StageResult:
@@ -286,7 +174,11 @@ def run(ctx: StageContext) -> StageResult:
         "size_bytes_before": Path(ctx.inputs["student"]).stat().st_size,
         **{f"{k}_before": v for k, v in evaluate_module(student, val, ctx.device, task, n).items()},
     }
-    model, prune_history = _pruned_unhealed(ctx, student)
+    search = None
+    if cfg.targeted:
+        search = prune_target.search_ratio(ctx, student)
+        cfg = cfg.model_copy(update={"ratio": search["chosen_ratio"]})
+    model, prune_history = _pruned_unhealed(ctx, student, cfg)
     model.to(ctx.device)
     before.update({f"{k}_before_heal": v for k, v in evaluate_module(model, val, ctx.device, task, n).items()})
     history, heal_mgd = _heal(ctx, model)
@@ -314,6 +206,7 @@ def run(ctx: StageContext) -> StageResult:
         **heal_mgd,
         "kept_whole": [name for name, _ in too_narrow(student, ignored_modules(student, cfg, task), cfg)],
         "data_workers": ctx.data.workers(ctx.cfg.data.num_workers),
+        **({"latency_search": search} if search else {}),
     }
     result = StageResult(
         outputs={"pruned": path},
@@ -322,7 +215,14 @@ def run(ctx: StageContext) -> StageResult:
         metrics={"pruned": metrics},
         history={"pruned": history} if history else {},
     )
-    if metrics["latency_speedup"] < 1.05:
+    if search and search["chosen_ratio"] == 0:
+        result.warnings.append(f"the unpruned student already meets the target on {search['build']} "
+                               f"({search['unpruned_latency_ms']:.4g} ms <= {search['target_ms']:.4g} ms): nothing pruned")
+    elif search and not search["within_tolerance"]:
+        result.warnings.append(f"latency search: ratio {search['chosen_ratio']:g} measures "
+                               f"{search['chosen_latency_ms']:.4g} ms on {search['build']}, more than 10% under the "
+                               f"target {search['target_ms']:.4g} ms ({search['stop']}): a smaller ratio may also meet it")
+    if search is None and metrics["latency_speedup"] < 1.05:
         result.warnings.append(
             f"pruning cut MACs to {metrics['macs_ratio']:.0%} but torch-eager latency at batch 1 only changed "
             f"{metrics['latency_speedup']:.2f}x (small inputs are dominated by per-op overhead); "

@@ -306,7 +306,48 @@ def pruning(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTask) -> 
         settings = [f"{k} = {m[k]}" for k in ("ratio", "importance", "steps", "round_to", "heal_epochs", "heal_method") if k in m]
         if settings:
             sec.blocks.append(Para("Settings: " + ", ".join(settings) + "."))
+        if isinstance(m.get("latency_search"), dict):
+            sec.blocks.extend(_latency_search(m["latency_search"]))
     return sec
+
+
+def _timed_now(s: dict, n: int) -> str:
+    now = s.get("probes_timed_now")
+    if not is_num(now):
+        return "timing not recorded"
+    return "all timed in this run" if now == n else f"{now} timed in this run, {n - now} re-used from an earlier one"
+
+
+def _latency_search(s: dict) -> list:
+    """The ratio search for a latency target: a sentence, the probe table and the plot."""
+    probes = [p for p in s.get("probes") or () if isinstance(p, dict)]
+    target, chosen, build = s.get("target_ms"), s.get("chosen_ratio"), str(s.get("build", "—"))
+    asked = (f"{fmt_ms(s.get('target_latency_ms'))} ms" if is_num(s.get("target_latency_ms"))
+             else f"{s.get('target_speedup')}× the unpruned student ({fmt_ms(target)} ms)")
+    blocks: list = [Para(
+        f"Latency target: {asked} p50 at batch 1 on {build} ({s.get('threads', '—')} threads). Chosen ratio "
+        f"{chosen} measured {fmt_ms(s.get('chosen_latency_ms'))} ms (unpruned {fmt_ms(s.get('unpruned_latency_ms'))} "
+        f"ms) after {s.get('probes_used', len(probes))} probes ({_timed_now(s, len(probes))}); stopped: "
+        f"{s.get('stop', '—')}.")]
+    rows = [[str(i), f"{p.get('ratio', 0):.2f}", fmt_ms(p.get("latency_p50_ms")), fmt_ms(p.get("latency_p90_ms")),
+             fmt_count(p.get("macs")), fmt_count(p.get("params")),
+             "yes" if is_num(target) and is_num(p.get("latency_p50_ms")) and p["latency_p50_ms"] <= target else "no",
+             "chosen" if p.get("ratio") == chosen else ""] for i, p in enumerate(probes, 1)]
+    blocks.append(Tab(["probe", "ratio", "p50 ms", "p90 ms", "MACs", "params", "meets target", ""], rows,
+                      title="latency search"))
+    try:
+        blocks.append(Img(plots.latency_vs_ratio([(p.get("ratio"), p.get("latency_p50_ms")) for p in probes],
+                                                 target if is_num(target) else float("nan"), chosen, build),
+                          "latency vs pruning ratio"))
+    except plots.PlotDataMissing as exc:
+        blocks.append(Para(f"latency vs pruning ratio: omitted, {exc}.", "note"))
+    except Exception as exc:  # a plot must never cost the user the rest of the report
+        log.warning("report: latency search plot failed: %s", exc)
+        blocks.append(Para(f"latency vs pruning ratio: omitted, drawing it failed ({type(exc).__name__}).", "warn"))
+    blocks.append(Para("Each probe is the student pruned at that ratio (not healed), built for the target and timed "
+                       f"as the median of {s.get('blocks', '—')} blocks of {s.get('runs_per_block', '—')} runs, all "
+                       f"probes back to back. {s.get('note', '')}", "note"))
+    return blocks
 
 
 def int8(rows: list[ArtifactRow], task: RecordedTask) -> Section:
