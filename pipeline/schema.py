@@ -282,7 +282,7 @@ class QadConfig(_Section):
     """Quantization-aware distillation: fine-tune the student with fake quantization (NNCF QAT) and the teacher."""
 
     when: Literal["off", "ptq_fails", "always"] = Field(
-        "ptq_fails", description="off | ptq_fails: run when the OpenVINO PTQ build fails max_int8_metric_drop | "
+        "ptq_fails", description="off; ptq_fails: run when the OpenVINO PTQ build fails max_int8_metric_drop; "
                                  "always. Without a [qad] table: off.")
     epochs: int = Field(2, ge=1, le=1000, description="Fine-tuning epochs with fake quantization.")
     lr: float = Field(1e-4, gt=0, le=1, description="Learning rate (low: the student is already trained; AdamW).")
