@@ -258,4 +258,23 @@ def test_bad_fallback_config_is_a_config_error(tmp_path, extra, words):
 def test_bad_fallback_config_exits_2(tiny_config, cli):
     r = cli("validate", str(tiny_config("[int8_fallback]\nmax_fp_layers = \"many\"\n")))
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "int8_fallback.max_fp_layers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    errors = [ln for ln in r.stderr.splitlines() if "int8_fallback.max_fp_layers" in ln]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_report_shows_the_recovery_steps(tmp_path):
+    from export.int8_search import fallback as search
+    from pipeline.manifest import Manifest
+    from pipeline.report import build_sections, render_markdown
+
+    m = _run(0.938, 1.2)
+    found = search(RANKED, _fake({"layer0", "layer1"}), 0.94, 0.005, 8)
+    m.stages["int8_fallback"].metrics["openvino_int8_fallback"].update(
+        {"recipe": "ptq+fallback", "fp_layer_count": 2, "search": found.record(), "sensitivity_proxy": "output error"})
+    manifest = Manifest(tmp_path, m)
+    sec = next(s for s in build_sections(manifest) if s.id == "int8-recovery")
+    text = render_markdown(manifest)
+    assert "INT8 recovery" in text and "openvino_int8_fallback" in text
+    steps = next(b for b in sec.blocks if getattr(b, "title", "").startswith("openvino_int8_fallback: search steps"))
+    assert [r[0] for r in steps.rows] == [str(len(s.fp_layers)) for s in found.steps]
+    assert "layer0, layer1" in [r[1] for r in steps.rows]
