@@ -117,12 +117,15 @@ def main() -> int:
     p.add_argument("--max-fp-layers", type=int, default=8)
     p.add_argument("--qad-epochs", type=int, default=2)
     p.add_argument("--qad-lr", type=float, default=1e-4)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="re-run this stage even if cached (repeatable; passed to `pipeline run --force`)")
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=TOML_VALUE",
                    help="override a config key (repeatable)")
     args = p.parse_args()
     config = derived_config(args)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT,
+    force = [a for stage in args.force for a in ("--force", stage)]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), *force], cwd=ROOT,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     manifest = json.loads((Path(args.workdir).resolve() / "manifest.json").read_text())

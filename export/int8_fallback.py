@@ -126,7 +126,10 @@ def _record(alt_of: str, fp32_name: str, fp32: float, ptq: float, found: SearchR
 
 @register("int8_fallback", order=65, inputs=("onnx", "onnx_int8?", "openvino_fp32?", "openvino_int8?", "trt_qdq?"),
           reads=("data", "gates", "onnx", "openvino", "tensorrt"),
-          enabled=lambda cfg: cfg.int8_fallback.max_fp_layers > 0,
+          enabled=lambda cfg: cfg.int8_fallback.max_fp_layers > 0 and cfg.gates.int8_metric_drop() is not None,
+          off_reason=lambda cfg: ("disabled in the config ([int8_fallback] max_fp_layers = 0)"
+                                  if cfg.int8_fallback.max_fp_layers == 0 else
+                                  "no INT8 drop gate (gates.max_int8_metric_drop) for an INT8 build to fail"),
           artifacts={
               "onnx_int8_fallback": ArtifactRole(model="student", runtime="onnxruntime", precision="int8",
                                                  target="onnxruntime", fp32="onnx", alternative_of="onnx_int8",
@@ -261,7 +264,7 @@ def _openvino(ctx: StageContext, result: StageResult, tmp: Path, pre: Path, rank
 
     def quantize(excluded: tuple[str, ...]) -> "ov.Model":
         scope = nncf.IgnoredScope(names=sorted(set(head) | {names[n] for n in excluded}), validate=False)
-        return ov_quantize(model, loader, preset=ov_cfg.preset, ignored_scope=scope)
+        return ov_quantize(model.clone(), loader, preset=ov_cfg.preset, ignored_scope=scope)
 
     def build_ov(excluded: tuple[str, ...]) -> tuple[float, float | None]:
         xml = _save_ir(quantize(excluded), tmp / f"ov-{next(counter)}.xml")

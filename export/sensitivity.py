@@ -125,7 +125,11 @@ def rank_layers(fp32: Path, int8: Path, batches: Iterable[np.ndarray], *, input_
     relu = {t for t in wanted if f_op.get(t) == "Relu" and q_op.get(t) in WEIGHTED_OPS}
     sq_err = dict.fromkeys(wanted, 0.0)
     sq_ref = dict.fromkeys(wanted, 0.0)
-    for x in batches:
+    dim = f_sess.get_inputs()[0].shape[0]
+    fixed = dim if isinstance(dim, int) and dim > 0 else None  # a fixed-batch export takes that many
+    pieces = (x[i:i + fixed] for batch in batches for x in [np.asarray(batch)]
+              for i in range(0, len(x) - (fixed or len(x)) + 1, fixed or max(len(x), 1))) if fixed else batches
+    for x in pieces:
         feed = {input_name: np.ascontiguousarray(x, dtype=np.float32)}
         f_out = dict(zip([o.name for o in f_sess.get_outputs()], f_sess.run(None, feed)))
         q_out = dict(zip([o.name for o in q_sess.get_outputs()], q_sess.run(None, feed)))

@@ -265,7 +265,8 @@ class Runner:
             outcome.visited.append(stage.name)
             if not stage.enabled(cfg):
                 manifest.stages[stage.name] = StageRecord(
-                    status="skipped", reason=f"disabled in the config ([{stage.name}] enabled = false)",
+                    status="skipped", reason=(stage.off_reason(cfg) if stage.off_reason is not None
+                                              else f"disabled in the config ([{stage.name}] enabled = false)"),
                     config=getattr(cfg, stage.name).model_dump(mode="json"), artifacts=stage.artifacts, ended=_now(),
                 )
                 _save(manifest)

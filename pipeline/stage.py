@@ -173,6 +173,7 @@ class Stage:
     enabled: Callable[["Config"], bool]
     preflight: Callable[["Config"], None] | None = None
     commands: tuple[Command, ...] = ()
+    off_reason: Callable[["Config"], str] | None = None  # why `enabled` is false, for the record
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -198,6 +199,7 @@ def register(
     enabled: Callable[["Config"], bool] | None = None,
     preflight: Callable[["Config"], None] | None = None,
     commands: tuple[Command, ...] = (),
+    off_reason: Callable[["Config"], str] | None = None,
 ) -> Callable[[Callable[[StageContext], StageResult]], Callable[[StageContext], StageResult]]:
     """Decorator registering a stage's `run` function under `name` (= its module = its TOML table)."""
 
@@ -207,7 +209,7 @@ def register(
         REGISTRY[name] = Stage(
             name=name, order=order, run=fn, inputs=inputs, artifacts=dict(artifacts),
             reads=(name,) + tuple(k for k in reads if k != name), enabled=enabled or (lambda cfg: True),
-            preflight=preflight, commands=commands,
+            preflight=preflight, commands=commands, off_reason=off_reason,
         )
         return fn
 

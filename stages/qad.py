@@ -187,6 +187,7 @@ def fine_tuned_weights(qmodel: nn.Module, ctx: StageContext, student: nn.Module)
 @register("qad", order=70, inputs=("pruned|student", "teacher", "onnx", "openvino_fp32", "openvino_int8?"),
           reads=("data", "distill", "teacher", "gates", "openvino", "onnx", "tensorrt"),
           enabled=lambda cfg: cfg.qad.when != "off", preflight=preflight,
+          off_reason=lambda cfg: "off (no [qad] table, or qad.when = \"off\")",
           artifacts={
               "openvino_int8_qad": ArtifactRole(model="student", runtime="openvino", precision="int8",
                                                 target="openvino", fp32="openvino_fp32",
