@@ -118,11 +118,11 @@ def rank_layers(fp32: Path, int8: Path, batches: Iterable[np.ndarray], *, input_
     wanted = sorted({t for i, o in pairs.values() for t in (i, o) if t not in inputs})
     f_sess = _session(_with_outputs(f_model, wanted), threads)
     q_sess = _session(_with_outputs(q_model, wanted), threads)
-    # ORT's quantizer drops a ReLU after a weighted layer (the output's Q/DQ clamps at zero), so
-    # the layer's own output in the INT8 graph is the ReLU's input: apply the ReLU to compare.
+    # ORT's quantizer drops a ReLU after a layer or an Add (the output's Q/DQ clamps at zero), so
+    # in the INT8 graph the ReLU's tensor holds its input: apply the ReLU to compare.
     f_op = {t: n.op_type for n in f_model.graph.node for t in n.output}
     q_op = {t: n.op_type for n in q_model.graph.node for t in n.output}
-    relu = {t for t in wanted if f_op.get(t) == "Relu" and q_op.get(t) in WEIGHTED_OPS}
+    relu = {t for t in wanted if f_op.get(t) == "Relu" and q_op.get(t) not in (None, "Relu")}
     sq_err = dict.fromkeys(wanted, 0.0)
     sq_ref = dict.fromkeys(wanted, 0.0)
     dim = f_sess.get_inputs()[0].shape[0]
@@ -178,3 +178,4 @@ def openvino_names(model: "ov.Model", onnx_model: "onnx.ModelProto", layers: lis
         if op is not None and op.get_type_name() in _OV_WEIGHTED:
             found[layer] = op.get_friendly_name()
     return found
+
