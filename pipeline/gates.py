@@ -160,8 +160,14 @@ def made_good(model: ManifestModel) -> dict[str, str]:
 
 
 def blocking(model: ManifestModel) -> tuple[list[GateResult], list[str]]:
-    """The failed gates that fail the run, and a line for each failure an alternative build made good."""
+    """The failed gates that fail the run, and a line for each failure that does not.
+
+    A quality failure of a build that an alternative made good does not fail the run; nor does
+    a quality failure of an alternative build itself: the run is judged on the build it stands
+    in for, whose failure fails the run unless some alternative made it good."""
     good = made_good(model)
+    alternatives = {a: r.alternative_of for rec in model.stages.values() for a, r in rec.artifacts.items()
+                    if r.alternative_of}
     failed, notes = [], []
     for rec in model.stages.values():
         for g in rec.gates:
@@ -169,6 +175,8 @@ def blocking(model: ManifestModel) -> tuple[list[GateResult], list[str]]:
                 continue
             if g.gate in QUALITY_GATES and g.artifact in good:
                 notes.append(f"{g.message}; made good by {good[g.artifact]}, which passes it")
+            elif g.gate in QUALITY_GATES and g.artifact in alternatives:
+                notes.append(f"{g.message} (an alternative of {alternatives[g.artifact]}: the run is judged on that build)")
             else:
                 failed.append(g)
     return failed, notes

@@ -5,8 +5,8 @@ the default of a `[qad]` table) or always (``when = "always"``), the final stude
 `student`) gets NNCF's quantization-aware training: ``nncf.quantize`` on the torch model inserts
 fake-quantize ops calibrated on the calibration split, then the model is fine-tuned for a few
 epochs at a low learning rate with the task loss plus the distillation terms of `[distill]
-method` against the frozen teacher: the same wiring (:func:`stages.distill_loss.distillation`) as
-distillation and healing. BatchNorm statistics stay frozen while fine-tuning, as usual for QAT.
+method` against the frozen teacher, and the `[distill] unlabeled` images' distillation terms:
+the same wiring (:func:`stages.distill_loss.distillation`) as distillation and healing. BatchNorm statistics stay frozen while fine-tuning, as usual for QAT.
 
 Builds: `openvino_int8_qad`, the fine-tuned fake-quantized model converted by OpenVINO (its
 FakeQuantize ops run as INT8), measured by the runner like every build and gated against
@@ -138,11 +138,17 @@ def fine_tune(ctx: StageContext, model: nn.Module) -> dict[str, Any]:
         if wiring.head is not None:
             params += [p for p in wiring.head.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        stream = wiring.unlabeled  # [distill] unlabeled: their batches carry the distillation terms alone
         for epoch in range(cfg.epochs):
             model.train()
             _freeze_bn(model)
+            if stream is not None:
+                stream.start_epoch(epoch)
             for images, targets in (b[:2] for b in train):
-                loss, _, terms = loss_fn(model, images.to(ctx.device), targets)
+                images = images.to(ctx.device)
+                if stream is not None:
+                    images = torch.cat([images, stream.next().to(ctx.device)])
+                loss, _, terms = loss_fn(model, images, targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
