@@ -37,7 +37,7 @@ def int8_recovery(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTas
         table.append([alt.name, str(alt.role.recipe or "—"), alt.role.alternative_of,
                       str(m.get("fp_layer_count", "—")), fmt_pct(m.get(task.metric)),
                       fmt_pct(ptq.metrics.get(task.metric)) if ptq else "—", fmt_pct(f_metric),
-                      fmt_pt(-drop if drop is not None else None),
+                      fmt_pt(-drop + 0.0 if drop is not None else None),  # + 0.0: no "-0.00 pt"
                       "—" if alt.latency_note else fmt_ms(m.get("latency_p50_ms")),
                       fmt_ms(ptq.metrics.get("latency_p50_ms")) if ptq and not ptq.latency_note else "—",
                       fmt_ms(fp32.metrics.get("latency_p50_ms")) if fp32 and not alt.latency_note else "—"])
@@ -48,7 +48,7 @@ def int8_recovery(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTas
         search = alt.metrics.get("search")
         if isinstance(search, dict) and search.get("steps"):
             steps = [[str(s.get("fp_layer_count", len(s.get("fp_layers", [])))), ", ".join(s.get("fp_layers", [])),
-                      fmt_pct(s.get("metric")), fmt_pt(-s["drop"] if _num(s.get("drop")) is not None else None),
+                      fmt_pct(s.get("metric")), fmt_pt(-s["drop"] + 0.0 if _num(s.get("drop")) is not None else None),
                       fmt_ms(s.get("latency_p50_ms")), "passes" if s.get("passed") else "fails"]
                      for s in search["steps"]]
             sec.blocks.append(Tab(["layers in FP", "layers", label, f"Δ {label} vs FP32", "p50 ms", "gate"], steps,
@@ -60,7 +60,8 @@ def int8_recovery(manifest: Manifest, rows: list[ArtifactRow], task: RecordedTas
             info = [f"{k} = {alt.metrics[k]}" for k in ("method", "epochs", "steps", "lr") if k in alt.metrics]
             if _num(alt.metrics.get("wall_seconds")) is not None:
                 info.append(f"wall time {alt.metrics['wall_seconds']:.0f} s")
-            sec.blocks.append(Para(f"{alt.name}: quantization-aware distillation, " + ", ".join(info) + "."))
+            if info:
+                sec.blocks.append(Para(f"{alt.name}: quantization-aware distillation, " + ", ".join(info) + "."))
     if decisions:
         sec.blocks.append(Para("; ".join(decisions) + ".", "note"))
     return sec
