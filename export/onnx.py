@@ -357,11 +357,17 @@ def _build_fp32(ctx: StageContext, model: nn.Module, path: Path, images: np.ndar
 # --------------------------------------------------------------------------------------------
 
 
+class _Skip(Exception):
+    """Pre-processing not wanted (the model already had it)."""
+
+
 def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = True,
-                  keep_outputs_fp32: bool = False) -> dict[str, Any]:
+                  keep_outputs_fp32: bool = False, exclude: Iterable[str] = (), preprocess: bool = True) -> dict[str, Any]:
     """Static Q/DQ INT8 for ONNX Runtime CPU: QUInt8 activations, per-channel QInt8 weights,
     MinMax calibration over `batches` of `(images, ...)`. Writes ONE checked file at `path`.
     `keep_outputs_fp32`: the last weighted layers before the outputs stay FP32 (detection heads).
+    `exclude`: more node names kept FP32 (the INT8 fallback's); `preprocess = False` for a model
+    that already went through ORT's pre-processing (node names then stay those of `fp32`).
 
     Returns what was done (recorded in the manifest). Used by the stage (calibration split) and
     by the benchmarks.
@@ -373,6 +379,8 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
         source = fp32
         preprocessed = False
         try:
+            if not preprocess:
+                raise _Skip
             # ORT's recommended pre-processing: symbolic shape inference + graph optimisation,
             # so that quantization sees fused Conv+BN and known shapes.
             from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -380,12 +388,15 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(fp32), str(pre))
             source, preprocessed = pre, True
+        except _Skip:
+            pass
         except Exception as exc:  # noqa: BLE001 - optional step: quantize the plain export instead
             log.warning("onnx_int8: quant_pre_process failed (%s); quantizing the model as exported", first_line(exc))
         reader = calibration_reader(batches, INPUT_NAME, None if dynamic else 1,  # a fixed-batch export takes one image
                                     description="onnx_int8 calibration")
         out = Path(tmp) / "int8.onnx"
-        excluded = onnx_output_layers(onnx.load(str(source))) if keep_outputs_fp32 else []
+        head = onnx_output_layers(onnx.load(str(source))) if keep_outputs_fp32 else []
+        excluded = head + [n for n in exclude if n not in head]
         quantize_static(
             str(source), str(out), reader,
             quant_format=QuantFormat.QDQ,
@@ -399,7 +410,7 @@ def quantize_int8(fp32: Path, path: Path, batches: Iterable, *, dynamic: bool = 
     return {
         "runtime": "onnxruntime", "precision": "int8", "quant_format": "QDQ", "activation_type": "QUInt8",
         "weight_type": "QInt8", "per_channel": True, "calibrate_method": "MinMax",
-        "calibration_images": int(reader.images), "preprocessed": preprocessed, "fp32_output_layers": len(excluded),
+        "calibration_images": int(reader.images), "preprocessed": preprocessed, "fp32_output_layers": len(head),
     }
 
 

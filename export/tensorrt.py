@@ -119,16 +119,18 @@ def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tupl
 
 
 def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
-              fixed_batch: int | None) -> tuple[int, int]:
+              fixed_batch: int | None, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
     """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically), calibrated on the
     calibration split; return the image count and the number of output layers kept in floating point."""
     return quantize_qdq(ctx.cfg.tensorrt, ctx.data.loader("calibration", ctx.cfg.data.batch_size), source, target,
-                        input_name, fixed_batch, keep_outputs_fp32=ctx.task.int8_fp32_outputs, work_dir=ctx.out_dir)
+                        input_name, fixed_batch, keep_outputs_fp32=ctx.task.int8_fp32_outputs, work_dir=ctx.out_dir,
+                        exclude=exclude)
 
 
 def quantize_qdq(cfg: TensorRTConfig, batches, source: Path, target: Path, input_name: str, fixed_batch: int | None,
-                 *, keep_outputs_fp32: bool, work_dir: Path) -> tuple[int, int]:
-    """The symmetric signed-INT8 Q/DQ model TensorRT takes, calibrated on `batches` of `(images, ...)`."""
+                 *, keep_outputs_fp32: bool, work_dir: Path, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+    """The symmetric signed-INT8 Q/DQ model TensorRT takes, calibrated on `batches` of `(images, ...)`.
+    `exclude`: more nodes kept in floating point (no Q/DQ around them: TensorRT runs them in FP16/FP32)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -154,6 +156,8 @@ def quantize_qdq(cfg: TensorRTConfig, batches, source: Path, target: Path, input
         out = Path(tmp) / "qdq.onnx"
         # Detection heads stay FP (the task asks): TensorRT then runs those layers in FP16/FP32.
         excluded = onnx_output_layers(onnx.load(str(pre))) if keep_outputs_fp32 else []
+        head = len(excluded)
+        excluded += [n for n in exclude if n not in excluded]
         chatter = io.StringIO()
         # ORT's histogram calibrators print progress to stdout; keep it out of the user's terminal.
         with contextlib.redirect_stdout(chatter):
@@ -171,7 +175,7 @@ def quantize_qdq(cfg: TensorRTConfig, batches, source: Path, target: Path, input
         model = onnx.load(str(out))
         _check_trt_compatible(model)
         atomic_write_bytes(target, model.SerializeToString())
-    return reader.images, len(excluded)
+    return reader.images, head
 
 
 def _initializers(model: "onnx.ModelProto") -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from pipeline.schema import (
     DataConfig,
     DistillConfig,
     GatesConfig,
+    Int8FallbackConfig,
     KDConfig,
     MGDConfig,
     OnnxConfig,
@@ -35,6 +36,7 @@ from pipeline.schema import (
     OptimConfig,
     PipelineConfig,
     PruneConfig,
+    QadConfig,
     ScenesConfig,
     TeacherConfig,
     TensorRTConfig,
@@ -43,8 +45,8 @@ from pipeline.stage import check_config
 from pipeline.tasks.base import Task
 
 __all__ = [
-    "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "GatesConfig", "KDConfig", "MGDConfig",
-    "OnnxConfig", "OpenVINOConfig", "OptimConfig", "PipelineConfig", "PruneConfig", "ScenesConfig", "TeacherConfig",
+    "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "GatesConfig", "Int8FallbackConfig", "KDConfig", "MGDConfig",
+    "OnnxConfig", "OpenVINOConfig", "OptimConfig", "PipelineConfig", "PruneConfig", "QadConfig", "ScenesConfig", "TeacherConfig",
     "TensorRTConfig", "from_dict", "load", "recipe_rows", "reference_rows", "source_rows", "task_rows",
 ]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.schema import GatesConfig
-from pipeline.manifest import ArtifactRole, GateResult, StageRecord
+from pipeline.manifest import ArtifactRole, GateResult, ManifestModel, StageRecord
 
 # Tolerance for float round-off in comparisons that users expect to be exact (drop == budget).
 _EPS = 1e-9
@@ -134,3 +134,49 @@ def _verdict(gate: str, artifact: str, metric: str, value: float | None, budget:
 def unmeasured_budgets(gates: GatesConfig, measured: set[str]) -> list[str]:
     """Latency budgets naming artifacts that no stage of this run measured."""
     return sorted(name for name in gates.latency_ms if name not in measured)
+
+
+def made_good(model: ManifestModel) -> dict[str, str]:
+    """INT8 builds that failed a quality gate, each with an alternative build made in its place
+    (`alternative_of`: its fallback or QAD build) that was measured and passes every quality gate
+    it has, at least one. Their failed quality gates stay in the record and the report; the run
+    does not exit on them, since the alternative is what ships."""
+    roles: dict[str, ArtifactRole] = {}
+    by_artifact: dict[str, list[GateResult]] = {}
+    for rec in model.stages.values():
+        if rec.status not in ("ok", "gate_failed"):
+            continue
+        roles.update(rec.artifacts)
+        for g in rec.gates:
+            by_artifact.setdefault(g.artifact, []).append(g)
+    out: dict[str, str] = {}
+    for alt, role in roles.items():
+        quality = [g for g in by_artifact.get(alt, []) if g.gate in QUALITY_GATES]
+        if role.alternative_of is None or not quality or not all(g.passed is True for g in quality):
+            continue
+        if any(g.gate in QUALITY_GATES and g.passed is False for g in by_artifact.get(role.alternative_of, [])):
+            out.setdefault(role.alternative_of, alt)
+    return out
+
+
+def blocking(model: ManifestModel) -> tuple[list[GateResult], list[str]]:
+    """The failed gates that fail the run, and a line for each failure that does not.
+
+    A quality failure of a build that an alternative made good does not fail the run; nor does
+    a quality failure of an alternative build itself: the run is judged on the build it stands
+    in for, whose failure fails the run unless some alternative made it good."""
+    good = made_good(model)
+    alternatives = {a: r.alternative_of for rec in model.stages.values() for a, r in rec.artifacts.items()
+                    if r.alternative_of}
+    failed, notes = [], []
+    for rec in model.stages.values():
+        for g in rec.gates:
+            if g.passed is not False:
+                continue
+            if g.gate in QUALITY_GATES and g.artifact in good:
+                notes.append(f"{g.message}; made good by {good[g.artifact]}, which passes it")
+            elif g.gate in QUALITY_GATES and g.artifact in alternatives:
+                notes.append(f"{g.message} (an alternative of {alternatives[g.artifact]}: the run is judged on that build)")
+            else:
+                failed.append(g)
+    return failed, notes

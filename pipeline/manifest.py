@@ -94,6 +94,12 @@ class ArtifactRole(BaseModel):
     target: str | None = Field(None, description="The deployment target it ships to; None: never shipped.")
     fp32: str | None = Field(None, description="An INT8 build's FP32 counterpart on the same runtime.")
     supersedes: str | None = Field(None, description="An artifact this one replaces as ship candidate when both exist.")
+    alternative_of: str | None = Field(
+        None, description="An INT8 build made in place of another that failed a gate (the fallback and QAD "
+                          "builds of a PTQ build): the alternative's passing gates make good the other's failure.",
+    )
+    recipe: str | None = Field(None, description="How an INT8 build was made: ptq | ptq+fallback | qad.")
+    made_for: str | None = Field(None, description="The gate an alternative build was made to pass (e.g. max_int8_metric_drop).")
     latency_note: str | None = Field(
         None, description="Set when the measured latency is not the target's (e.g. a TensorRT model timed on "
                           "ONNX Runtime CPU): the build is never latency-gated and the note is shown with its figures.",

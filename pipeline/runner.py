@@ -7,7 +7,8 @@ outputs still hash to what was recorded. Otherwise it runs the stage, measures e
 the stage hands back with the one harness (accuracy, latency, params, MACs, size), checks the
 gates and writes the manifest atomically. Once a stage has re-run, every later stage re-runs.
 
-Exit codes: 0 success, 1 a stage failed, 2 bad input, 3 a gate failed.
+Exit codes: 0 success, 1 a stage failed, 2 bad input, 3 a gate failed (a failed INT8 quality gate
+that an alternative build of it passes, its fallback or QAD build, is reported, not fatal).
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ class Runner:
             outcome.visited.append(stage.name)
             if not stage.enabled(cfg):
                 manifest.stages[stage.name] = StageRecord(
-                    status="skipped", reason=f"disabled in the config ([{stage.name}] enabled = false)",
+                    status="skipped", reason=(stage.off_reason(cfg) if stage.off_reason is not None
+                                              else f"disabled in the config ([{stage.name}] enabled = false)"),
                     config=getattr(cfg, stage.name).model_dump(mode="json"), artifacts=stage.artifacts, ended=_now(),
                 )
                 _save(manifest)
@@ -301,7 +303,8 @@ class Runner:
         manifest.model.ship = ship_mod.choose(manifest.model, task.metric)
         _save(manifest)
         if outcome.code == EXIT_OK:
-            failed = [g for rec in manifest.stages.values() for g in rec.gates if g.passed is False]
+            failed, made_good = gates_mod.blocking(manifest.model)
+            outcome.messages.extend(made_good)
             if failed:
                 outcome.code = EXIT_GATE_FAILED
                 outcome.messages.extend(g.message for g in failed)

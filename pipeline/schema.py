@@ -297,6 +297,27 @@ class TensorRTConfig(_Section):
     build_engine: bool = Field(True, description="Build the engine when the tensorrt package and a CUDA device are present.")
 
 
+class Int8FallbackConfig(_Section):
+    """When an INT8 build fails `max_int8_metric_drop`, keep its most sensitive layers in floating point."""
+
+    max_fp_layers: int = Field(
+        8, ge=0, le=1000, description="Most layers kept in floating point by the INT8 fallback search (ranked by the "
+                                      "output error each adds on calibration images); 0 disables the fallback.")
+    sensitivity_images: int = Field(
+        64, ge=1, le=10_000, description="Calibration images the layers' sensitivity (output error) is measured on.")
+
+
+class QadConfig(_Section):
+    """Quantization-aware distillation: fine-tune the student with fake quantization (NNCF QAT) and the teacher."""
+
+    when: Literal["off", "ptq_fails", "always"] = Field(
+        "ptq_fails", description="off; ptq_fails: run when the OpenVINO PTQ build fails max_int8_metric_drop; "
+                                 "always. Without a [qad] table: off.")
+    epochs: int = Field(2, ge=1, le=1000, description="Fine-tuning epochs with fake quantization.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Learning rate (low: the student is already trained; AdamW).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps in all (0: no limit).")
+
+
 class BenchConfig(_Section):
     warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
     runs: int = Field(50, ge=3, description="Timed runs at batch 1.")
@@ -367,6 +388,8 @@ class Config(_Section):
     onnx: OnnxConfig = Field(default_factory=OnnxConfig)
     openvino: OpenVINOConfig = Field(default_factory=OpenVINOConfig)
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig)
+    int8_fallback: Int8FallbackConfig = Field(default_factory=Int8FallbackConfig)
+    qad: QadConfig = Field(default_factory=lambda: QadConfig(when="off"))
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
 

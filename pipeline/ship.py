@@ -6,7 +6,9 @@ ship to it. A candidate qualifies when none of its quality gates (`max_metric_dr
 teacher, `max_int8_metric_drop` vs the FP32 build, or their accuracy aliases) failed; among
 those, the lowest p50 latency at batch 1 wins. When an INT8 build is not
 faster than FP32 on a target, or fails an accuracy gate, the FP32 build ships and the reason
-says so: a slower INT8 build is never shipped silently.
+says so: a slower INT8 build is never shipped silently. An INT8 build made in place of a failing
+one (PTQ with layers kept in floating point, QAD: `recipe` and `alternative_of` in its role) is a
+candidate like any other; the reason then names each INT8 build and why it lost.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def choose(model: ManifestModel, metric: str) -> dict[str, dict[str, Any]]:
             has_latency = m.get("latency_p50_ms") is not None
             why = "; ".join(g.message for g in failed) if failed else ("" if has_latency else "latency not measured")
             candidates.append({
-                "artifact": art, "runtime": role.runtime, "precision": role.precision, metric: m.get(metric),
+                "artifact": art, "runtime": role.runtime, "precision": role.precision, "recipe": _recipe(role),
+                "alternative_of": role.alternative_of, metric: m.get(metric),
                 "latency_p50_ms": m.get("latency_p50_ms"), "passes": not failed and has_latency, "why": why,
             })
         pending = [a for a in options if a in unavailable]
@@ -96,12 +99,20 @@ def _decide(target: str, candidates: list[dict], pending: list[str], unavailable
         return {"artifact": None, "reason": reason, "candidates": candidates}
     best = min(ok, key=lambda c: c["latency_p50_ms"])
     fp32 = next((c for c in candidates if c["precision"] == "fp32"), None)
-    int8 = next((c for c in candidates if c["precision"] == "int8"), None)
+    int8s = [c for c in candidates if c["precision"] == "int8"]
+    int8 = int8s[0] if int8s else None
+    alternatives = any(c["alternative_of"] for c in int8s)
     if best["precision"] == "int8" and fp32 is not None and fp32["passes"]:
-        reason = (f"INT8 is {fp32['latency_p50_ms'] / best['latency_p50_ms']:.2f}x faster than FP32 at p50 "
+        what = f"{best['artifact']} ({best['recipe']})" if alternatives else "INT8"
+        reason = (f"{what} is {fp32['latency_p50_ms'] / best['latency_p50_ms']:.2f}x faster than FP32 at p50 "
                   f"({_fmt_ms(best['latency_p50_ms'])} vs {_fmt_ms(fp32['latency_p50_ms'])}) and passes the quality gates")
+        if alternatives:
+            rest = [_why_not(c, best) for c in int8s if c is not best]
+            reason += "; " + "; ".join(rest) if rest else ""
     elif best["precision"] == "fp32" and int8 is not None:
-        if not int8["passes"]:
+        if len(int8s) > 1:
+            reason = "shipping FP32: " + "; ".join(_why_not(c, best) for c in int8s)
+        elif not int8["passes"]:
             reason = f"shipping FP32: the INT8 build does not qualify ({int8['why']})"
         else:
             reason = (f"shipping FP32: INT8 is not faster on {target} "
@@ -109,3 +120,16 @@ def _decide(target: str, candidates: list[dict], pending: list[str], unavailable
     else:
         reason = f"the only qualifying build on {target} ({_fmt_ms(best['latency_p50_ms'])} at p50)"
     return {"artifact": best["artifact"], "reason": reason, "candidates": candidates}
+
+
+def _recipe(role: ArtifactRole) -> str | None:
+    """How a build was made: its declared recipe, `ptq` for a plain INT8 build, None for FP32."""
+    return role.recipe or ("ptq" if role.precision == "int8" else None)
+
+
+def _why_not(c: dict[str, Any], best: dict[str, Any]) -> str:
+    """Why candidate `c` is not the one shipped (`best`), in a few words."""
+    name = f"{c['artifact']} ({c['recipe']})"
+    if not c["passes"]:
+        return f"{name} does not qualify ({c['why']})"
+    return f"{name} is slower ({_fmt_ms(c['latency_p50_ms'])} vs {_fmt_ms(best['latency_p50_ms'])} at p50)"

@@ -212,6 +212,7 @@ class Stage:
     commands: tuple[Command, ...] = ()
     probes: dict[str, Probe] = field(default_factory=dict)
     extra_reads: Callable[["Config"], tuple[str, ...]] | None = None
+    off_reason: Callable[["Config"], str] | None = None  # why `enabled` is false, for the record
 
     def reads_for(self, cfg: "Config") -> tuple[str, ...]:
         """The tables the stage reads under `cfg`: its declared `reads`, plus `extra_reads(cfg)`."""
@@ -244,6 +245,7 @@ def register(
     commands: tuple[Command, ...] = (),
     probes: dict[str, Probe] | None = None,
     extra_reads: Callable[["Config"], tuple[str, ...]] | None = None,
+    off_reason: Callable[["Config"], str] | None = None,
 ) -> Callable[[Callable[[StageContext], StageResult]], Callable[[StageContext], StageResult]]:
     """Decorator registering a stage's `run` function under `name` (= its module = its TOML table)."""
 
@@ -254,6 +256,7 @@ def register(
             name=name, order=order, run=fn, inputs=inputs, artifacts=dict(artifacts),
             reads=(name,) + tuple(k for k in reads if k != name), enabled=enabled or (lambda cfg: True),
             preflight=preflight, commands=commands, probes=dict(probes or {}), extra_reads=extra_reads,
+            off_reason=off_reason,
         )
         unknown = set(probes or {}) - set(artifacts)
         if unknown:

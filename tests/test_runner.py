@@ -318,10 +318,11 @@ def test_bench_threads_do_not_leak_into_later_stages(tmp_path, fake_stages):
 def test_select_by_target_leaves_out_the_other_targets_stages():
     stages = stage.load_stages()
     names = [s.name for s in stages]
-    assert names == ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt"]
+    assert names == ["teacher", "distill", "prune", "onnx", "openvino", "tensorrt", "int8_fallback", "qad"]
     assert runner.select(stages, runner.RunOptions(target="torch")) == names[:3]
-    assert runner.select(stages, runner.RunOptions(target="openvino")) == names[:5]
-    assert runner.select(stages, runner.RunOptions(target="onnxruntime")) == names[:4]
+    # The INT8 recovery stages make alternative builds for the targets they ship to.
+    assert runner.select(stages, runner.RunOptions(target="openvino")) == [*names[:5], "int8_fallback", "qad"]
+    assert runner.select(stages, runner.RunOptions(target="onnxruntime")) == [*names[:4], "int8_fallback"]
     assert runner.select(stages, runner.RunOptions(target="tensorrt")) == [*names[:4], "tensorrt"]
     assert runner.select(stages, runner.RunOptions(target="tensorrt", from_stage="openvino")) == ["tensorrt"]
     with pytest.raises(ConfigError, match="--target 'jetson'"):

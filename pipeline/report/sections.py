@@ -13,6 +13,7 @@ from pipeline.manifest import Manifest
 from pipeline.report import measured
 from pipeline.report.blocks import Para, Pre, Section, Tab
 from pipeline.report.fmt import fmt_ms, fmt_pct
+from pipeline.report.recovery import int8_recovery
 from pipeline.report.rows import deploy_file, gate_value, measured_artifacts, ordered_stages, ship_choices, task_of
 
 # CSS classes are chosen from this fixed map, never taken from the manifest.
@@ -26,7 +27,7 @@ def build_sections(manifest: Manifest) -> list[Section]:
     return [
         _stage_chain(manifest), measured.artifact_table(rows, task, manifest),
         measured.plot_section(rows, manifest, task), measured.mgd_gain(manifest, rows, task),
-        measured.pruning(manifest, rows, task), measured.int8(rows, task),
+        measured.pruning(manifest, rows, task), measured.int8(rows, task), int8_recovery(manifest, rows, task),
         _ship(manifest), _gates(manifest), _unavailable(manifest), _commands(manifest), _warnings(manifest),
         _environment(manifest),
     ]
