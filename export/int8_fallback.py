@@ -36,7 +36,7 @@ import numpy as np
 from export import tensorrt as trt_stage
 from export.int8_search import SearchResult, fallback
 from export.onnx import quantize_int8 as ort_quantize
-from export.openvino import _benchmark_command, _save_ir, quantize_int8 as ov_quantize
+from export.openvino import benchmark_command, save_ir, quantize_int8 as ov_quantize
 from export.runtimes import OpenVINORuntime, OrtRuntime
 from export.sensitivity import LayerError, openvino_names, rank_layers
 from pipeline import dist
@@ -214,18 +214,18 @@ def run(ctx: StageContext) -> StageResult:
             result.metrics["onnx_int8_fallback"] = _record("onnx_int8", "onnx", f, q, found, ranking)
 
         if "trt_qdq" in failing:
-            input_name, dims = trt_stage._graph_input(ctx.inputs["onnx"])
+            input_name, dims = trt_stage.graph_input(ctx.inputs["onnx"])
             fixed = dims[0] if dims and isinstance(dims[0], int) else None
 
             def build_trt(excluded: tuple[str, ...]) -> tuple[float, float | None]:
                 path = tmp / f"trt-{next(counter)}.onnx"
-                trt_stage._quantize(ctx, ctx.inputs["onnx"], path, input_name, fixed, exclude=excluded)
+                trt_stage.quantize_calibrated(ctx, ctx.inputs["onnx"], path, input_name, fixed, exclude=excluded)
                 return _metric(ctx, OrtRuntime(path, threads=threads)), None  # not TensorRT's latency
 
             f, q = failing["trt_qdq"]
             found = _search("trt_qdq", ranked, build_trt, f, budget, cfg.max_fp_layers)
             final = ctx.out_dir / TRT_FILE
-            trt_stage._quantize(ctx, ctx.inputs["onnx"], final, input_name, fixed, exclude=_kept(found))
+            trt_stage.quantize_calibrated(ctx, ctx.inputs["onnx"], final, input_name, fixed, exclude=_kept(found))
             result.outputs["trt_qdq_fallback"] = final
             result.measure["trt_qdq_fallback"] = Measure(OrtRuntime(final, threads=threads), path=final)
             result.metrics["trt_qdq_fallback"] = _record("trt_qdq", "onnx", f, q, found, ranking, TRT_UNMEASURED)
@@ -249,7 +249,7 @@ def _openvino(ctx: StageContext, result: StageResult, tmp: Path, pre: Path, rank
     import openvino as ov
 
     from export.head_scope import openvino_output_layers
-    from export.openvino import _calibration_loader, _static_batch
+    from export.openvino import calibration_loader, static_batch
 
     ov_cfg = ctx.cfg.openvino
     threads = ctx.cfg.bench.threads
@@ -260,24 +260,24 @@ def _openvino(ctx: StageContext, result: StageResult, tmp: Path, pre: Path, rank
         result.warnings.append(f"openvino_int8_fallback: {len(ranked) - len(ov_ranked)} ranked layer(s) have no "
                                "OpenVINO op of the same name or output tensor; the search skips them")
     head = openvino_output_layers(model) if ctx.task.int8_fp32_outputs else []
-    loader = _calibration_loader(ctx, _static_batch(model) or 1)
+    loader = calibration_loader(ctx, static_batch(model) or 1)
 
     def quantize(excluded: tuple[str, ...]) -> "ov.Model":
         scope = nncf.IgnoredScope(names=sorted(set(head) | {names[n] for n in excluded}), validate=False)
         return ov_quantize(model.clone(), loader, preset=ov_cfg.preset, ignored_scope=scope)
 
     def build_ov(excluded: tuple[str, ...]) -> tuple[float, float | None]:
-        xml = _save_ir(quantize(excluded), tmp / f"ov-{next(counter)}.xml")
+        xml = save_ir(quantize(excluded), tmp / f"ov-{next(counter)}.xml")
         rt = OpenVINORuntime(xml, threads, precision=ov_cfg.inference_precision)
         return _metric(ctx, rt), _p50(ctx, rt)
 
     f, q = metrics
     found = _search("openvino_int8", ov_ranked, build_ov, f, budget, ctx.cfg.int8_fallback.max_fp_layers)
-    xml = _save_ir(quantize(_kept(found)), ctx.out_dir / OV_FILE)
+    xml = save_ir(quantize(_kept(found)), ctx.out_dir / OV_FILE)
     rt = OpenVINORuntime(xml, threads, precision=ov_cfg.inference_precision)
     result.outputs["openvino_int8_fallback"] = xml
     result.measure["openvino_int8_fallback"] = Measure(rt, path=xml)
     rec = _record("openvino_int8", "openvino_fp32", f, q, found, ranking)
     rec["openvino_layers"] = [names[n] for n in rec["fp_layers"]]
     result.metrics["openvino_int8_fallback"] = rec
-    result.commands["openvino_int8_fallback"] = _benchmark_command(ctx, xml, rt)
+    result.commands["openvino_int8_fallback"] = benchmark_command(ctx, xml, rt)

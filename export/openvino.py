@@ -102,7 +102,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_ir(model: "ov.Model", xml_path: Path) -> Path:
+def save_ir(model: "ov.Model", xml_path: Path) -> Path:
     """Save `model` as `xml_path` + `.bin` so that a crash never leaves half an IR.
 
     Both files are written into a scratch folder next to the target and moved into place with
@@ -138,7 +138,7 @@ def _sweep(out_dir: Path, stale: tuple[str, ...]) -> None:
             (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
-def _static_batch(model: "ov.Model") -> int | None:
+def static_batch(model: "ov.Model") -> int | None:
     """The model's batch size when its batch axis is fixed, None when it is dynamic."""
     shape = model.input(0).get_partial_shape()
     if shape.rank.is_dynamic:
@@ -170,7 +170,7 @@ def _agreement(task: Task, ref, other, batches: Iterator[np.ndarray]) -> dict[st
     return {"max_abs_diff": max_diff if n else None, "agreement": agree / n if n else None, "images": n}
 
 
-def _calibration_loader(ctx: StageContext, batch: int):
+def calibration_loader(ctx: StageContext, batch: int):
     """The calibration split (training images, eval transform): the only data NNCF sees."""
     return ctx.data.loader("calibration", batch, drop_last=batch > 1)
 
@@ -211,7 +211,7 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
     import nncf
 
     cfg: OpenVINOConfig = ctx.cfg.openvino
-    loader = _calibration_loader(ctx, batch)
+    loader = calibration_loader(ctx, batch)
     steps = len(loader)
     if steps == 0:
         raise ConfigError(
@@ -234,7 +234,7 @@ def _quantize(ctx: StageContext, model: "ov.Model", batch: int) -> tuple["ov.Mod
                  cfg.max_accuracy_drop, images)
         # The same calibration images validate: the val split stays untouched for the report.
         quantized = nncf.quantize_with_accuracy_control(
-            model, calibration, nncf.Dataset(_calibration_loader(ctx, batch)),
+            model, calibration, nncf.Dataset(calibration_loader(ctx, batch)),
             _calibration_metric(ctx.task, ctx.data.num_classes),
             max_drop=cfg.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE, preset=preset, subset_size=steps,
             **({"ignored_scope": scope} if scope is not None else {}),
@@ -273,7 +273,7 @@ def _ignored_scope(ctx: StageContext, model: "ov.Model"):
     return nncf.IgnoredScope(names=names, validate=False)
 
 
-def _benchmark_command(ctx: StageContext, xml: Path, runtime: OpenVINORuntime) -> str:
+def benchmark_command(ctx: StageContext, xml: Path, runtime: OpenVINORuntime) -> str:
     """A `benchmark_app` line, run from the workdir, that times this IR like the harness does:
     batch 1, one synchronous request on one stream, the same thread count and precision hint.
 
@@ -290,7 +290,7 @@ def _benchmark_command(ctx: StageContext, xml: Path, runtime: OpenVINORuntime) -
 
 
 def _build_fp32(ctx: StageContext, model: "ov.Model", stem: str) -> tuple[Path, OpenVINORuntime]:
-    xml = _save_ir(model, ctx.out_dir / f"{stem}.xml")
+    xml = save_ir(model, ctx.out_dir / f"{stem}.xml")
     runtime = OpenVINORuntime(xml, threads=ctx.cfg.bench.threads, precision=ctx.cfg.openvino.inference_precision)
     log.info("%s: saved %s (inference precision asked %s, device uses %s)",
              stem, xml.name, ctx.cfg.openvino.inference_precision, runtime.precision)
@@ -313,7 +313,7 @@ def _probe(int8: bool):
             scope = (nncf.IgnoredScope(names=openvino_output_layers(ov_model), validate=False)
                      if spec.task.int8_fp32_outputs else None)
             ov_model = quantize_int8(ov_model, spec.calibration, preset=cfg.preset, ignored_scope=scope)
-        xml = _save_ir(ov_model, spec.work_dir / f"probe_{'int8' if int8 else 'fp32'}.xml")
+        xml = save_ir(ov_model, spec.work_dir / f"probe_{'int8' if int8 else 'fp32'}.xml")
         return OpenVINORuntime(xml, threads=spec.threads, precision=cfg.inference_precision)
 
     return build
@@ -364,7 +364,7 @@ def run(ctx: StageContext) -> StageResult:
     # FP32: always built, since INT8 is quantized from it and compared with it.
     onnx_path = ctx.inputs["onnx"]
     student = _convert(onnx_path)
-    fixed = _static_batch(student)
+    fixed = static_batch(student)
     fp32_xml, fp32_rt = _build_fp32(ctx, student, "student_fp32")
     fp32: dict[str, Any] = {**prec, "device_precision": fp32_rt.precision, "requested": "fp32" in cfg.precisions}
     if "fp32" not in cfg.precisions:
@@ -372,7 +372,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("openvino_fp32: %s", fp32["note"])
     result.outputs["openvino_fp32"] = fp32_xml
     result.measure["openvino_fp32"] = Measure(fp32_rt, path=fp32_xml)
-    result.commands["openvino_fp32"] = _benchmark_command(ctx, fp32_xml, fp32_rt)
+    result.commands["openvino_fp32"] = benchmark_command(ctx, fp32_xml, fp32_rt)
 
     # Parity at f32 whatever the configured hint: bf16 would hide (or fake) export errors.
     f32_rt = fp32_rt
@@ -399,7 +399,7 @@ def run(ctx: StageContext) -> StageResult:
 
     if want_int8:
         quantized, int8 = _quantize(ctx, student, fixed or 1)
-        int8_xml = _save_ir(quantized, ctx.out_dir / "student_int8.xml")
+        int8_xml = save_ir(quantized, ctx.out_dir / "student_int8.xml")
         int8_rt = OpenVINORuntime(int8_xml, threads=ctx.cfg.bench.threads, precision=cfg.inference_precision)
         cmp = _agreement(task, f32_rt, int8_rt, _val_batches(ctx, batch, fixed is not None))
         int8.update(prec, device_precision=int8_rt.precision, compared_with="openvino_fp32",
@@ -411,7 +411,7 @@ def run(ctx: StageContext) -> StageResult:
         result.outputs["openvino_int8"] = int8_xml
         result.measure["openvino_int8"] = Measure(int8_rt, path=int8_xml)
         result.metrics["openvino_int8"] = int8
-        result.commands["openvino_int8"] = _benchmark_command(ctx, int8_xml, int8_rt)
+        result.commands["openvino_int8"] = benchmark_command(ctx, int8_xml, int8_rt)
 
     if has_teacher:
         # The teacher on the same runtime: what the student's OpenVINO speedup is read against.
@@ -419,5 +419,5 @@ def run(ctx: StageContext) -> StageResult:
         result.outputs["teacher_openvino_fp32"] = t_xml
         result.measure["teacher_openvino_fp32"] = Measure(t_rt, path=t_xml)
         result.metrics["teacher_openvino_fp32"] = {**prec, "device_precision": t_rt.precision}
-        result.commands["teacher_openvino_fp32"] = _benchmark_command(ctx, t_xml, t_rt)
+        result.commands["teacher_openvino_fp32"] = benchmark_command(ctx, t_xml, t_rt)
     return result

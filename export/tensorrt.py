@@ -93,7 +93,7 @@ LATENCY_NOTE = (
 # --------------------------------------------------------------------------------------------
 
 
-def _graph_input(path: Path) -> tuple[str, list[int | None]]:
+def graph_input(path: Path) -> tuple[str, list[int | None]]:
     """Name and dims (None where symbolic) of the model's one real input."""
     import onnx
 
@@ -118,7 +118,7 @@ def _input_shape(dims: list[int | None], fallback: tuple[int, int, int]) -> tupl
     return tuple(fallback)
 
 
-def _quantize(ctx: StageContext, source: Path, target: Path, input_name: str,
+def quantize_calibrated(ctx: StageContext, source: Path, target: Path, input_name: str,
               fixed_batch: int | None, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
     """Write the symmetric signed-INT8 Q/DQ model to `target` (atomically), calibrated on the
     calibration split; return the image count and the number of output layers kept in floating point."""
@@ -390,7 +390,7 @@ def build_engine_from_run(run_dir: Path) -> Path:
     data = {**DataConfig().model_dump(), **record.config.get("data", {})}
     trt_cfg = {**TensorRTConfig().model_dump(), **record.config.get("tensorrt", {})}
     qdq = run_dir / art.path
-    _, dims = _graph_input(qdq)
+    _, dims = graph_input(qdq)
     s = int(data["image_size"])
     return build_engine(qdq, qdq.parent / ENGINE_FILE, batch_size=int(data["batch_size"]),
                         input_shape=_input_shape(dims, (3, s, s)), workspace_mb=int(trt_cfg["workspace_mb"]))
@@ -425,7 +425,7 @@ def _probe_engine(model, spec: ProbeSpec) -> TensorRTRuntime:
 
     cfg: TensorRTConfig = spec.cfg.tensorrt
     source = probe_export(model, spec)
-    input_name, dims = _graph_input(source)
+    input_name, dims = graph_input(source)
     image = _input_shape(dims, spec.input_shape)
     qdq = spec.work_dir / "probe_qdq.onnx"
     quantize_qdq(cfg, spec.calibration, source, qdq, input_name, dims[0] if dims else None,
@@ -463,11 +463,11 @@ def run(ctx: StageContext) -> StageResult:
         # runner's barrier waits for it. Every GPU building at once would race on these files.
         return StageResult(outputs={"trt_qdq": qdq_path, **({} if cache_unusable else {"trt_calib_cache": cache_path})})
 
-    input_name, dims = _graph_input(source)
+    input_name, dims = graph_input(source)
     image = _input_shape(dims, ctx.data.input_shape)
     batch = ctx.cfg.data.batch_size
 
-    images, fp32_layers = _quantize(ctx, source, qdq_path, input_name, dims[0] if dims else None)
+    images, fp32_layers = quantize_calibrated(ctx, source, qdq_path, input_name, dims[0] if dims else None)
     import onnx
 
     scales = activation_scales(onnx.load(str(qdq_path)))

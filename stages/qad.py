@@ -33,7 +33,7 @@ from torch import nn
 
 from export import tensorrt as trt_stage
 from export.onnx import export_model
-from export.openvino import _benchmark_command, _save_ir
+from export.openvino import benchmark_command, save_ir
 from export.runtimes import OpenVINORuntime, OrtRuntime
 from pipeline import dist
 from pipeline.errors import ConfigError
@@ -224,11 +224,11 @@ def run(ctx: StageContext) -> StageResult:
     qmodel = qmodel.cpu().eval()
     threads, prec = ctx.cfg.bench.threads, ctx.cfg.openvino.inference_precision
 
-    xml = _save_ir(to_openvino(qmodel, example, ctx.task.output_names), ctx.out_dir / OV_FILE)
+    xml = save_ir(to_openvino(qmodel, example, ctx.task.output_names), ctx.out_dir / OV_FILE)
     rt = OpenVINORuntime(xml, threads, precision=prec)
     result.outputs["openvino_int8_qad"] = xml
     result.measure["openvino_int8_qad"] = Measure(rt, path=xml)
-    result.commands["openvino_int8_qad"] = _benchmark_command(ctx, xml, rt)
+    result.commands["openvino_int8_qad"] = benchmark_command(ctx, xml, rt)
     result.metrics["openvino_int8_qad"] = {"recipe": "qad", "alternative_of": "openvino_int8", "made_for": GATE,
                                            "compared_with": "openvino_fp32", "qat": "nncf.quantize (torch)", **info}
 
@@ -239,10 +239,10 @@ def run(ctx: StageContext) -> StageResult:
             export_model(plain, ctx.data.input_shape, fp32, opset=ctx.cfg.onnx.opset,
                          dynamic_batch=ctx.cfg.onnx.dynamic_batch, simplify=ctx.cfg.onnx.simplify, what="qad",
                          output_names=ctx.task.output_names)
-            input_name, dims = trt_stage._graph_input(fp32)
+            input_name, dims = trt_stage.graph_input(fp32)
             fixed = dims[0] if dims and isinstance(dims[0], int) else None
             target = ctx.out_dir / TRT_FILE
-            trt_stage._quantize(ctx, fp32, target, input_name, fixed)
+            trt_stage.quantize_calibrated(ctx, fp32, target, input_name, fixed)
         result.outputs["trt_qdq_qad"] = target
         result.measure["trt_qdq_qad"] = Measure(OrtRuntime(target, threads=threads), path=target)
         result.metrics["trt_qdq_qad"] = {"recipe": "qad", "alternative_of": "trt_qdq", "made_for": GATE,

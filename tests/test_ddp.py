@@ -89,8 +89,8 @@ def _tensorrt_stage_on_this_rank(rank: int, out_dir: str) -> None:
 
     sys.modules["tensorrt"] = None  # as on a machine without TensorRT: no engine is attempted
     quantized = []
-    real = trt_stage._quantize
-    trt_stage._quantize = lambda *a, **kw: quantized.append(rank) or real(*a, **kw)
+    real = trt_stage.quantize_calibrated
+    trt_stage.quantize_calibrated = lambda *a, **kw: quantized.append(rank) or real(*a, **kw)
     workdir = Path(out_dir) / "run"
     cfg = config.from_dict({"pipeline": {"workdir": str(workdir), "device": "cpu"}, "bench": {"threads": 1},
                             "data": {"source": "digits", "image_size": 8, "batch_size": 32, "calibration_size": 32},

@@ -340,7 +340,7 @@ def test_artifacts_are_written_atomically(full, tmp_path, onnx_files, monkeypatc
 
     # A save that dies half-way leaves the previous IR untouched and no scratch files behind.
     model = ov.convert_model(str(onnx_files["student"]))
-    target = ov_stage._save_ir(model, tmp_path / "m.xml")
+    target = ov_stage.save_ir(model, tmp_path / "m.xml")
     before = {p.name: p.read_bytes() for p in tmp_path.glob("m.*")}
     real = ov.save_model
 
@@ -351,7 +351,7 @@ def test_artifacts_are_written_atomically(full, tmp_path, onnx_files, monkeypatc
 
     monkeypatch.setattr(ov, "save_model", dies)
     with pytest.raises(OSError, match="disk full"):
-        ov_stage._save_ir(model, target)
+        ov_stage.save_ir(model, target)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("m.*")} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
