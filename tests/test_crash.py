@@ -116,8 +116,11 @@ def test_a_run_killed_anywhere_resumes_exactly(tmp_path, reference):
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     cfg = _write(tmp_path, "[teacher]\nepochs = 12\n")  # long enough to be interrupted mid-teacher, even on a loaded machine
+    # A shell's background job starts with SIGINT ignored, and Python keeps it so: give the child the
+    # disposition a terminal's Ctrl-C meets, whoever launched the tests.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = cfg.parent / "run" / "teacher" / "checkpoint.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
