@@ -68,6 +68,25 @@ def merge_toml(text: str) -> str:
     return "\n".join(f"{t}\n" + "\n".join(kvs) for t, kvs in tables.items()) + "\n"
 
 
+def tiny_cfg(workdir: Path, extra: str = ""):
+    """The tiny config (plus `extra`, merged table by table) loaded in memory, its workdir `workdir`."""
+    import tomllib
+
+    from pipeline import config
+
+    raw = tomllib.loads(merge_toml(TINY_TOML + "\n" + extra))
+    raw["pipeline"]["workdir"] = str(workdir)
+    return config.from_dict(raw, base_dir=workdir.parent)
+
+
+def tiny_data(tmp_path_factory):
+    """The tiny config's digits (load once per module, from a module-scoped fixture)."""
+    from pipeline.tasks.classification.data import load_data
+
+    cfg = tiny_cfg(tmp_path_factory.mktemp("cfg") / "run")
+    return load_data(cfg.data, cfg.pipeline.seed)
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     """Factory: write a tiny pipeline.toml (plus `extra` TOML appended) and return its path."""

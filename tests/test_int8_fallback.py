@@ -3,7 +3,6 @@ deliberately broken layer, the stage on real builds, the ship choice and exit co
 
 from __future__ import annotations
 
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.int8_search import fallback, sizes
-from pipeline import config, gates, ship
+from pipeline import gates, ship
 from pipeline.config import GatesConfig
 from pipeline.errors import ConfigError
 from pipeline.manifest import ManifestModel, StageRecord
 from pipeline.stage import roles
-from tests.conftest import TINY_TOML, merge_toml
+from tests.conftest import tiny_cfg, tiny_data
 
 RANKED = [f"layer{i}" for i in range(20)]
 
@@ -77,18 +76,12 @@ def test_sizes_double_up_to_the_limit():
 # -- sensitivity on a real model: one layer made fragile on purpose ---------------------------
 
 
-def _cfg(workdir: Path, extra: str = "") -> config.Config:
-    raw = tomllib.loads(merge_toml(TINY_TOML + "\n" + extra))
-    raw["pipeline"]["workdir"] = str(workdir)
-    return config.from_dict(raw, base_dir=workdir.parent)
+_cfg = tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from pipeline.tasks.classification.data import load_data
-
-    cfg = _cfg(tmp_path_factory.mktemp("cfg") / "run")
-    return load_data(cfg.data, cfg.pipeline.seed)
+    return tiny_data(tmp_path_factory)
 
 
 def _broken_cnn(bundle) -> nn.Module:

@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -30,9 +29,8 @@ from export import openvino as ov_stage  # noqa: E402
 from export.runtimes import OpenVINORuntime, OrtRuntime  # noqa: E402
 from pipeline import config, stage  # noqa: E402
 from pipeline.data import DataBundle  # noqa: E402
-from pipeline.tasks.classification.data import load_data  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
-from tests.conftest import TINY_TOML, merge_toml  # noqa: E402
+from tests.conftest import tiny_cfg, tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.openvino
 
@@ -42,10 +40,7 @@ BENCHMARK_APP = Path(sys.executable).with_name("benchmark_app")
 # -- fixtures --------------------------------------------------------------------------------
 
 
-def _cfg(workdir: Path, extra: str = "") -> config.Config:
-    raw = tomllib.loads(merge_toml(TINY_TOML + "\n" + extra))
-    raw["pipeline"]["workdir"] = str(workdir)
-    return config.from_dict(raw, base_dir=workdir.parent)
+_cfg = tiny_cfg
 
 
 def _ctx(workdir: Path, bundle: DataBundle, inputs: dict[str, Path], extra: str = "") -> StageContext:
@@ -66,8 +61,7 @@ def _export(model: nn.Module, path: Path, dynamic: bool = True) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> DataBundle:
-    cfg = _cfg(tmp_path_factory.mktemp("cfg") / "run")
-    return load_data(cfg.data, cfg.pipeline.seed)
+    return tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ OpenVINO (INT8 FakeQuantize ops) and to a signed-INT8 Q/DQ ONNX; `when` decides;
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,18 @@ import torch
 pytest.importorskip("nncf")
 pytest.importorskip("openvino")
 
-from pipeline import config  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.models import build_student, build_teacher  # noqa: E402
 from pipeline.stage import REGISTRY, StageContext, load_stages  # noqa: E402
-from tests.conftest import TINY_TOML, merge_toml  # noqa: E402
+from tests.conftest import tiny_cfg, tiny_data  # noqa: E402
 
 
-def _cfg(workdir: Path, extra: str = "") -> config.Config:
-    raw = tomllib.loads(merge_toml(TINY_TOML + "\n" + extra))
-    raw["pipeline"]["workdir"] = str(workdir)
-    return config.from_dict(raw, base_dir=workdir.parent)
+_cfg = tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from pipeline.tasks.classification.data import load_data
-
-    cfg = _cfg(tmp_path_factory.mktemp("cfg") / "run")
-    return load_data(cfg.data, cfg.pipeline.seed)
+    return tiny_data(tmp_path_factory)
 
 
 def _ctx(tmp_path: Path, bundle, extra: str) -> StageContext:
