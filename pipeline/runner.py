@@ -286,7 +286,9 @@ class Runner:
                 record, resume_files = old, []
             else:
                 log.info("stage %s: running (%s)", stage.name, why)
-                record, code, resume_files = self._execute(stage, key, inputs, device, versions, data_holder)
+                measured = {n: rec.metrics[n] for rec in manifest.stages.values() for n in inputs
+                            if isinstance(rec.metrics.get(n), dict)}
+                record, code, resume_files = self._execute(stage, key, inputs, device, versions, data_holder, measured)
                 rerun_rest = True
                 manifest.stages[stage.name] = record
                 if code != EXIT_OK:
@@ -387,10 +389,12 @@ class Runner:
                 return f"output {bad}"
         return None
 
-    def _context(self, stage: Stage, key: str, inputs: dict[str, Artifact], device, data_holder) -> StageContext:
+    def _context(self, stage: Stage, key: str, inputs: dict[str, Artifact], device, data_holder,
+                 measured: dict[str, dict] | None = None) -> StageContext:
         ctx = StageContext(
             cfg=ScopedConfig(self.cfg, stage.name, stage.reads_for(self.cfg)), name=stage.name, workdir=self.cfg.workdir,
             inputs={n: self.cfg.workdir / a.path for n, a in inputs.items()}, device=device, key=key,
+            measured=dict(measured or {}),
         )
         if "data" in data_holder:
             ctx._data = data_holder["data"]  # load the dataset once per run
@@ -404,7 +408,8 @@ class Runner:
             ctx._data = load_bundle(ctx.task, self.cfg.data, self.cfg.pipeline.seed, self.cfg.resolve("."))
         return ctx._data
 
-    def _execute(self, stage, key, inputs, device, versions, data_holder) -> tuple[StageRecord, int, list[Path]]:
+    def _execute(self, stage, key, inputs, device, versions, data_holder,
+                 measured: dict[str, dict] | None = None) -> tuple[StageRecord, int, list[Path]]:
         """Run one stage and measure what it produced: (its record, exit code, the resume files it
         used, to delete once the record is saved when the stage succeeded)."""
         import torch
@@ -412,7 +417,7 @@ class Runner:
         from pipeline.evaluate import measure
 
         started, t0 = _now(), time.perf_counter()
-        ctx = self._context(stage, key, inputs, device, data_holder)
+        ctx = self._context(stage, key, inputs, device, data_holder, measured)
         base = dict(
             key=key, config={k: getattr(self.cfg, k).model_dump(mode="json") for k in stage.reads_for(self.cfg)},
             inputs=inputs, started=started, seed=self.cfg.pipeline.seed, device=str(device), versions=versions,

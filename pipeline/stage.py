@@ -114,6 +114,9 @@ class StageContext:
     device: "torch.device"
     key: str
     _data: "DataBundle | None" = None
+    # What the runner measured of the stage's input artifacts (their metrics, by artifact name):
+    # a stage that needs an input's quality reads it here instead of evaluating it again.
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Resume files handed out by `resume_file`: the runner deletes them once the stage's record
     # is in the manifest (unless `[pipeline] keep_checkpoints`).
     resume_files: list[Path] = field(default_factory=list)
